@@ -1,0 +1,42 @@
+"""Self-supervised methods. Each module's `make(config, schedule)` returns a `Method`.
+
+A method is data plus pure functions; the trainer calls them without knowing which method
+runs. The train state the trainer keeps is {step, params, opt_state, method_state}: `params`
+is what the optimiser updates, `method_state` everything else the method carries across
+steps (EMA teachers, prototype buffers, queues), updated inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, NamedTuple
+
+import optax
+
+from anatjax.config import closest
+
+METHODS = ("afire",)
+
+
+class Method(NamedTuple):
+  name: str
+  # rng -> (params, method_state)
+  init: Callable[[Any], tuple[Any, Any]]
+  # (params, method_state, batch, rng, step) -> (loss, (method_state, metrics))
+  loss: Callable[..., Any]
+  # (params, method_state, step) -> method_state; the non-gradient update after the step
+  after_update: Callable[..., Any]
+  optimizer: optax.GradientTransformation
+  # (params, method_state, which) -> the exportable encoder's parameters
+  encoder: Callable[..., Any]
+  # host-side Grain transforms that turn a source item into this method's batch item
+  host_transforms: tuple
+  # name -> step -> value, logged with the metrics (learning rate, momentum, ...)
+  schedules: dict
+
+
+def make(config, schedule) -> Method:
+  if config.method not in METHODS:
+    raise ValueError(f"config method={config.method!r} is not a known method; known: "
+                     f"{list(METHODS)}." + closest(config.method, METHODS))
+  return importlib.import_module(f"anatjax.methods.{config.method}").make(config, schedule)

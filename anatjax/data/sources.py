@@ -1,0 +1,27 @@
+"""Data sources by name (`config.data.source`): random-access collections of items.
+
+Each source is a Grain random-access source (`__len__`, `__getitem__`) whose items hold at
+least `image`: a uint8 greyscale [H, W] array. Unknown names and missing data roots fail
+here, before anything compiles.
+"""
+
+from __future__ import annotations
+
+from anatjax.config import closest
+from anatjax.data.synthetic_cxr import SyntheticCXR
+
+SOURCES = ("synthetic_cxr",)
+
+
+def make_source(data_config, split: str = "pretrain"):
+  name = data_config.source
+  if name not in SOURCES:
+    raise ValueError(f"config data.source={name!r} is not a known source; known: "
+                     f"{list(SOURCES)}." + closest(name, SOURCES))
+  if name == "synthetic_cxr":
+    if data_config.root:
+      raise ValueError(f"config data.root={data_config.root!r}: the synthetic_cxr source "
+                       "is generated in memory and reads no files; leave data.root empty.")
+    return SyntheticCXR(split=split, image_size=data_config.image_size,
+                        num_examples=data_config.num_examples, seed=data_config.source_seed)
+  raise AssertionError(name)  # every name in SOURCES is handled above

@@ -1,0 +1,58 @@
+"""Entry point: `python -m anatjax.main --config=configs/<recipe>.py[:args] [--workdir=DIR]`.
+
+Flags only: which config, where the run lives (default workdirs/<config name>), and the
+overrides `--config.<key>=<value>`. Running the same command again resumes the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from anatjax import train as trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':args', e.g. configs/afire_vitb.py:runlocal",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory of the run (checkpoints, metrics, config). "
+    "Default: workdirs/<config file name>[_<args>].")
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_arg: str) -> str:
+  """'configs/afire_vitb.py:variant=S/16,runlocal' -> 'workdirs/afire_vitb_variant-S16_runlocal'."""
+  path, _, args = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  if args:
+    name += "_" + re.sub(r"[^A-Za-z0-9_.-]+", "", args.replace(",", "_").replace("=", "-"))
+  return os.path.join("workdirs", name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
+  try:
+    summary = trainer.train(config, workdir)
+  except trainer.NonFiniteLoss as e:
+    logging.error("%s", e)
+    sys.exit(1)
+  losses = summary["losses"]
+  print(f"Outputs in {os.path.abspath(workdir)}: checkpoints/, metrics.jsonl, "
+        "tensorboard/, config.json", flush=True)
+  if losses:
+    (s0, l0), (s1, l1) = losses[0], losses[-1]
+    print(f"Loss went from {l0:.4f} (step {s0}) to {l1:.4f} (step {s1}); "
+          f"{summary['step']}/{summary['total_steps']} steps done.", flush=True)
+  else:
+    print(f"Nothing to train: the run is already at step {summary['step']}.", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,203 @@
+"""THE trainer: mesh, data, state, one pure update step, the loop, checkpoints, logging.
+
+Methods plug in through `anatjax.methods.Method`; nothing below knows which one runs.
+The train state is a plain dict {step, params, opt_state, method_state}, placed on the
+mesh by the sharding rules, updated by one jitted, donated, pure step:
+
+    (state, batch) -> (state, metrics),  randomness = fold_in(seed, step)
+
+so a run killed anywhere and restarted with the same command continues from its last
+checkpoint and produces the numbers it would have produced uninterrupted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from anatjax import checkpoint, config as config_lib, methods, reporting, sharding
+from anatjax.data import pipeline, sources
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+class StopRequest:
+  """Turns SIGTERM/SIGINT into a request to save and stop at the next step boundary."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming from its checkpoints). Returns a summary."""
+  # ---------------------------------------------------------------- setup + data
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  source = sources.make_source(config.data)
+  schedule = config_lib.Schedule.from_config(config, len(source))
+  method = methods.make(config, schedule)
+  mesh = sharding.make_mesh(config.mesh)
+  if config.batch_size % mesh.size:
+    raise ValueError(f"config batch_size={config.batch_size} does not divide over the "
+                     f"{mesh.size} devices of the mesh {dict(mesh.shape)}")
+  dataset = pipeline.make_dataset(
+      source, method.host_transforms, batch_size=config.batch_size // jax.process_count(),
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=config.data.num_workers)
+  iterator = iter(dataset)
+  config_hash = config_lib.config_hash(config)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
+
+  # ---------------------------------------------------------------- state
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+
+  def init_state(key):
+    params, method_state = method.init(key)
+    return {"step": jnp.zeros([], jnp.int32), "params": params,
+            "opt_state": method.optimizer.init(params), "method_state": method_state}
+
+  abstract = jax.eval_shape(init_state, init_key)
+  state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+
+  def check_meta(meta):
+    if meta.get("config_hash") != config_hash and not config.allow_config_change:
+      raise ValueError(
+          f"The checkpoint at step {meta.get('step')} in {ckpt.directory} was trained with "
+          f"another config (hash {meta.get('config_hash')} vs {config_hash} now; see "
+          f"{workdir}/config.json for the saved one). Resume with the original config, "
+          "use a new --workdir, or pass --config.allow_config_change=True.")
+
+  restored = ckpt.restore_latest(
+      jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                   abstract, state_shardings),
+      iterator, check_meta)
+  if restored:
+    start_step, state, _ = restored
+    logging.info("Resumed from %s/%d.", ckpt.directory, start_step)
+  else:
+    start_step = 0
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+
+  # ---------------------------------------------------------------- the step
+  def train_step(state, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(step_key, step)
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (_, (method_state, metrics)), grads = grad_fn(
+        state["params"], state["method_state"], batch, rng, step)
+    updates, opt_state = method.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    method_state = method.after_update(params, method_state, step)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return ({"step": step + 1, "params": params, "opt_state": opt_state,
+             "method_state": method_state}, metrics)
+
+  # The first batch is read now to give the step its input shapes; the first step uses it.
+  first_batch = sharding.global_batch(next(iterator), mesh)
+  batches = itertools.chain(
+      [first_batch], (sharding.global_batch(b, mesh) for b in iterator))
+  compiled = jax.jit(
+      train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.NamedSharding(mesh, sharding.P())),
+      donate_argnums=0).lower(state, first_batch).compile()
+  log_memory(compiled)
+
+  # ---------------------------------------------------------------- the loop
+  checkpoint_every = schedule.steps(config.checkpoint.every, "checkpoint.every")
+  total = schedule.total_steps
+  meta = {"method": method.name, "config_hash": config_hash,
+          "config": json.loads(json.dumps(config.to_dict(), default=str))}
+  writer = reporting.MetricsWriter(workdir, enabled=is_main)
+  progress = reporting.Progress(total, schedule.steps_per_epoch, config.batch_size,
+                                start_step, enabled=is_main)
+  history = []
+
+  def finish_step(step, metrics):
+    """Host side of step `step` (1-based count of steps done): check, log."""
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    for name in ("loss", *sorted(k for k in scalars if k.startswith("loss_"))):
+      if not np.isfinite(scalars[name]):
+        raise NonFiniteLoss(
+            f"{name} is {scalars[name]} at step {step}. The run stopped without saving "
+            f"this state; the last good checkpoint is {ckpt.steps()[-1:] or 'none'} in "
+            f"{ckpt.directory}. Lower the learning rate or check the data, then rerun.")
+    if step % config.log_every == 0 or step == total:
+      scalars.update({k: float(fn(step - 1)) for k, fn in method.schedules.items()})
+      scalars["images_per_s"] = progress.images_per_s
+      progress.update(step, scalars)
+      scalars["images_per_s"] = progress.images_per_s
+      writer.write(step, scalars)
+    history.append((step, scalars["loss"]))
+
+  step, pending, stop = start_step, None, StopRequest()
+  try:
+    with stop:
+      while step < total and not stop.signal_name:
+        state, metrics = compiled(state, next(batches))
+        step += 1
+        if pending:  # the previous step's numbers: fetching them does not stall the device
+          finish_step(*pending)
+        pending = (step, metrics)
+        if step % checkpoint_every == 0 or step == total or stop.signal_name:
+          finish_step(*pending)  # never save a state whose loss was not finite
+          pending = None
+          ckpt.save(step, state, iterator, meta)
+      if pending:
+        finish_step(*pending)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    progress.close()
+
+  if stop.signal_name:
+    print(f"Stopped on {stop.signal_name} after step {step}; checkpoint saved in "
+          f"{ckpt.directory}/{step}. Run the same command again to resume.", flush=True)
+  return {"workdir": workdir, "start_step": start_step, "step": step, "total_steps": total,
+          "stopped_by": stop.signal_name, "losses": history, "state": state,
+          "steps_per_epoch": schedule.steps_per_epoch}
+
+
+def log_memory(compiled) -> None:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return
+  mib = 2 ** 20
+  logging.info(
+      "Compiled train step, per device: arguments %.1f MiB, outputs %.1f MiB, "
+      "temporaries %.1f MiB (aliased with donated inputs: %.1f MiB).",
+      stats.argument_size_in_bytes / mib, stats.output_size_in_bytes / mib,
+      stats.temp_size_in_bytes / mib, stats.alias_size_in_bytes / mib)

@@ -1,0 +1,181 @@
+"""The trainer end to end on tiny variants of the real AFiRe config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from anatjax import reporting, sharding, train
+from configs import afire_vitb
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """The runlocal recipe shrunk further: 32 px, a 1-block ViT, 4 steps per epoch."""
+  c = afire_vitb.get_config("runlocal")
+  c.unlock()
+  c.batch_size = 16
+  c.duration = "12st"
+  c.log_every = 1
+  c.data.image_size = 32
+  c.data.num_examples = 64
+  c.data.repeats_per_epoch = 1
+  c.data.num_workers = 0
+  c.model.variant = "mu/8"
+  c.model.depth = 0
+  c.model.num_prototypes = 8
+  c.model.head_hidden_dim = 32
+  c.model.head_bottleneck_dim = 16
+  c.model.decoder = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
+  c.mesh = dict(data=1, fsdp=1)
+  c.checkpoint.every = "4st"
+  for key, value in overrides.items():
+    c[key] = value
+  c.lock()
+  return c
+
+
+def params_of(summary):
+  return jax.tree.map(np.asarray, jax.device_get(summary["state"]["params"]))
+
+
+def assert_trees_equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def stop_at(monkeypatch, step):
+  """Deliver SIGTERM while step `step` runs (deterministic stand-in for a preemption)."""
+  calls = {"n": 0}
+  original = sharding.global_batch
+
+  def global_batch(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] == step:
+      signal.raise_signal(signal.SIGTERM)
+    return original(batch, mesh)
+
+  monkeypatch.setattr(sharding, "global_batch", global_batch)
+
+
+def test_exact_resume_after_interrupt(tmp_path, monkeypatch):
+  config = tiny_config()
+  straight = train.train(config, str(tmp_path / "straight"))
+  assert straight["step"] == 12 and straight["stopped_by"] is None
+
+  stop_at(monkeypatch, 6)
+  first = train.train(config, str(tmp_path / "interrupted"))
+  assert first["stopped_by"] == "SIGTERM" and first["step"] == 6
+  monkeypatch.undo()
+  second = train.train(config, str(tmp_path / "interrupted"))
+  assert second["start_step"] == 6 and second["step"] == 12
+  assert_trees_equal(params_of(straight), params_of(second))
+  logged = {r["step"]: r["loss"] for r in reporting.read_metrics(str(tmp_path / "straight"))}
+  resumed = {r["step"]: r["loss"] for r in reporting.read_metrics(str(tmp_path / "interrupted"))}
+  assert logged == resumed
+
+
+def test_fsdp_on_8_devices_matches_1_device(tmp_path):
+  assert jax.device_count() == 8
+  one = train.train(tiny_config(duration="4st"), str(tmp_path / "one"))
+  eight = train.train(tiny_config(duration="4st", mesh=dict(data=2, fsdp=4)),
+                      str(tmp_path / "eight"))
+  np.testing.assert_allclose([l for _, l in eight["losses"]],
+                             [l for _, l in one["losses"]], atol=1e-5)
+  params = eight["state"]["params"]
+  kernel = params["encoder"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert "fsdp" in kernel.sharding.spec
+  assert kernel.addressable_shards[0].data.size == kernel.size // 4
+  assert len(kernel.sharding.device_set) == 8
+
+
+def test_loss_stops_run_on_nan_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny_config(duration="40st")
+  config.unlock()
+  config.optim.base_lr = 1e30
+  with pytest.raises(train.NonFiniteLoss, match=r"at step \d+"):
+    train.train(config, str(tmp_path))
+  # Whatever was saved holds finite parameters.
+  for step in sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()):
+    meta = json.loads((tmp_path / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+    assert meta["step"] == step
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, monkeypatch):
+  config = tiny_config()
+  stop_at(monkeypatch, 10)  # stops after step 10; checkpoints at 4, 8, 10
+  train.train(config, str(tmp_path))
+  monkeypatch.undo()
+  ckpt_dir = tmp_path / "checkpoints"
+  assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [4, 8, 10]
+  for f in (ckpt_dir / "10" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "meta" not in f.name:
+      f.write_bytes(b"\0" * 7)
+  resumed = train.train(config, str(tmp_path))
+  assert resumed["start_step"] == 8 and resumed["step"] == 12
+  assert (ckpt_dir / "10.unreadable-0").is_dir()
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+  train.train(tiny_config(duration="4st"), str(tmp_path))
+  changed = tiny_config(duration="4st")
+  changed.unlock()
+  changed.afire.student_temp = 0.2
+  with pytest.raises(ValueError, match="allow_config_change"):
+    train.train(changed, str(tmp_path))
+  changed.allow_config_change = True
+  assert train.train(changed, str(tmp_path))["start_step"] == 4
+
+
+def test_bad_config_fails_before_compiling(tmp_path):
+  config = tiny_config()
+  config.unlock()
+  config.data.source = "synthetic_cx"
+  with pytest.raises(ValueError, match="synthetic_cxr"):
+    train.train(config, str(tmp_path))
+  with pytest.raises(ValueError, match="Unknown config argument 'varient'.*variant"):
+    afire_vitb.get_config("varient=S/16")
+  with pytest.raises(AttributeError, match="base_lr"):
+    tiny_config().optim.base_lrr = 1.0
+
+
+def _run_main(args, **kwargs):
+  return subprocess.Popen(
+      [sys.executable, "-m", "anatjax.main", *args], cwd=REPO, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def test_main_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+  """The real command, with Grain worker processes, stopped by SIGTERM mid-run."""
+  workdir = tmp_path / "run"
+  args = ["--config=configs/afire_vitb.py:runlocal", f"--workdir={workdir}",
+          "--config.duration=60st", "--config.data.image_size=32",
+          "--config.model.variant=mu/8", "--config.model.depth=0",
+          "--config.data.num_workers=1", "--config.mesh.data=1"]
+  proc = _run_main(args)
+  try:
+    deadline = time.time() + 120
+    while not (workdir / "metrics.jsonl").exists():
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, out
+  assert "Stopped on SIGTERM" in out and "Run the same command again" in out
+  stopped = int(out.split("Stopped on SIGTERM after step ")[1].split(";")[0])
+  assert stopped < 60
+  proc = _run_main(args)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert "60/60 steps done" in out
+  steps = [r["step"] for r in reporting.read_metrics(str(workdir))]
+  assert steps == list(range(10, 61, 10))
