@@ -14,6 +14,8 @@ import logging
 import os
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
@@ -58,6 +60,12 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
+
+  def read_state(self, step: int, abstract_state):
+    """The train state of `step` as host NumPy arrays (no data iterator, no devices)."""
+    host = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_state)
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(host)))["state"]
 
   def restore_latest(self, abstract_state, iterator, check_meta=lambda meta: None):
     """(step, state, meta) of the newest checkpoint that restores, or None if none exist.

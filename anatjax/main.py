@@ -50,8 +50,6 @@ def main(argv):
     (s0, l0), (s1, l1) = losses[0], losses[-1]
     print(f"Loss went from {l0:.4f} (step {s0}) to {l1:.4f} (step {s1}); "
           f"{summary['step']}/{summary['total_steps']} steps done.", flush=True)
-  else:
-    print(f"Nothing to train: the run is already at step {summary['step']}.", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import signal
 import threading
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -56,14 +57,54 @@ class StopRequest:
       signal.signal(sig, handler)
 
 
+def build(config):
+  """(source, schedule, method) for a config; fails on bad names before any compiling."""
+  source = sources.make_source(config.data)
+  schedule = config_lib.Schedule.from_config(config, len(source))
+  return source, schedule, methods.make(config, schedule)
+
+
+def state_initializer(method):
+  """key -> the initial train state {step, params, opt_state, method_state}."""
+  def init_state(key):
+    params, method_state = method.init(key)
+    return {"step": jnp.zeros([], jnp.int32), "params": params,
+            "opt_state": method.optimizer.init(params), "method_state": method_state}
+  return init_state
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+  """(config, method, state, step) of a run's checkpoint (default: the newest), on host.
+
+  For tools that read trained weights (export, evaluation): the config is the one saved
+  in the checkpoint, the state comes back as NumPy arrays, the data position is ignored.
+  """
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=None,
+                                 async_save=False)
+  try:
+    steps = ckpt.steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first, or pass "
+                              "the --workdir of a run.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
+                              f"available: {steps}")
+    config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
+    _, _, method = build(config)
+    abstract = jax.eval_shape(state_initializer(method), jax.random.key(0))
+    state = ckpt.read_state(step, abstract)
+  finally:
+    ckpt.close()
+  return config, method, state, step
+
+
 def train(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its checkpoints). Returns a summary."""
   # ---------------------------------------------------------------- setup + data
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  source = sources.make_source(config.data)
-  schedule = config_lib.Schedule.from_config(config, len(source))
-  method = methods.make(config, schedule)
+  source, schedule, method = build(config)
   mesh = sharding.make_mesh(config.mesh)
   if config.batch_size % mesh.size:
     raise ValueError(f"config batch_size={config.batch_size} does not divide over the "
@@ -80,12 +121,7 @@ def train(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- state
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
-
-  def init_state(key):
-    params, method_state = method.init(key)
-    return {"step": jnp.zeros([], jnp.int32), "params": params,
-            "opt_state": method.optimizer.init(params), "method_state": method_state}
-
+  init_state = state_initializer(method)
   abstract = jax.eval_shape(init_state, init_key)
   state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -121,9 +157,16 @@ def train(config, workdir: str) -> dict:
     updates, opt_state = method.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     method_state = method.after_update(params, method_state, step)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return ({"step": step + 1, "params": params, "opt_state": opt_state,
              "method_state": method_state}, metrics)
+
+  total = schedule.total_steps
+  if start_step >= total:
+    iterator.close()
+    ckpt.close()
+    print(f"{workdir} is already trained to step {start_step} of {total}.", flush=True)
+    return summary(workdir, start_step, start_step, total, None, [], state)
 
   # The first batch is read now to give the step its input shapes; the first step uses it.
   first_batch = sharding.global_batch(next(iterator), mesh)
@@ -137,7 +180,6 @@ def train(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- the loop
   checkpoint_every = schedule.steps(config.checkpoint.every, "checkpoint.every")
-  total = schedule.total_steps
   meta = {"method": method.name, "config_hash": config_hash,
           "config": json.loads(json.dumps(config.to_dict(), default=str))}
   writer = reporting.MetricsWriter(workdir, enabled=is_main)
@@ -178,6 +220,7 @@ def train(config, workdir: str) -> dict:
       if pending:
         finish_step(*pending)
   finally:
+    iterator.close()  # stops the Grain workers and frees their shared memory
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -186,9 +229,14 @@ def train(config, workdir: str) -> dict:
   if stop.signal_name:
     print(f"Stopped on {stop.signal_name} after step {step}; checkpoint saved in "
           f"{ckpt.directory}/{step}. Run the same command again to resume.", flush=True)
-  return {"workdir": workdir, "start_step": start_step, "step": step, "total_steps": total,
-          "stopped_by": stop.signal_name, "losses": history, "state": state,
-          "steps_per_epoch": schedule.steps_per_epoch}
+  return summary(workdir, start_step, step, total, stop.signal_name, history, state)
+
+
+def summary(workdir, start_step, step, total_steps, stopped_by, losses, state) -> dict:
+  """What `train` returns: where the run is, how it ended, [(step, loss)], final state."""
+  return {"workdir": workdir, "start_step": start_step, "step": step,
+          "total_steps": total_steps, "stopped_by": stopped_by, "losses": losses,
+          "state": state}
 
 
 def log_memory(compiled) -> None:

@@ -13,33 +13,9 @@ import pytest
 
 from anatjax import reporting, sharding, train
 from configs import afire_vitb
+from tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**overrides):
-  """The runlocal recipe shrunk further: 32 px, a 1-block ViT, 4 steps per epoch."""
-  c = afire_vitb.get_config("runlocal")
-  c.unlock()
-  c.batch_size = 16
-  c.duration = "12st"
-  c.log_every = 1
-  c.data.image_size = 32
-  c.data.num_examples = 64
-  c.data.repeats_per_epoch = 1
-  c.data.num_workers = 0
-  c.model.variant = "mu/8"
-  c.model.depth = 0
-  c.model.num_prototypes = 8
-  c.model.head_hidden_dim = 32
-  c.model.head_bottleneck_dim = 16
-  c.model.decoder = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
-  c.mesh = dict(data=1, fsdp=1)
-  c.checkpoint.every = "4st"
-  for key, value in overrides.items():
-    c[key] = value
-  c.lock()
-  return c
 
 
 def params_of(summary):
@@ -179,3 +155,17 @@ def test_main_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
   assert "60/60 steps done" in out
   steps = [r["step"] for r in reporting.read_metrics(str(workdir))]
   assert steps == list(range(10, 61, 10))
+
+
+def test_blank_images_use_fallback_texture_and_are_counted(tmp_path, monkeypatch):
+  class Blank:
+    def __len__(self):
+      return 64
+
+    def __getitem__(self, index):
+      return {"image": np.zeros((32, 32), np.uint8)}
+
+  monkeypatch.setattr(train.sources, "make_source", lambda data_config: Blank())
+  result = train.train(tiny_config(duration="3st"), str(tmp_path))
+  assert int(result["state"]["method_state"]["texture_fallbacks"]) == 3 * 16
+  assert reporting.read_metrics(str(tmp_path))[-1]["texture_fallbacks_total"] == 48

@@ -1,49 +1,57 @@
 """Procedural frontal (PA) chest-radiograph phantom: the embedded data source ``synthetic_cxr``.
 
-``SyntheticCXR`` is a Grain random-access data source (``__len__`` + ``__getitem__``)
-that renders a synthetic chest radiograph on the fly. Nothing is read from or written
-to disk; every item is a pure function of ``(seed, split, index, image_size)``, so
-the same arguments give byte-identical output in any process and in any order.
+``SyntheticCXR`` is a Grain random-access data source (``__len__`` + ``__getitem__``,
+a plain picklable object) that renders synthetic chest radiographs on the fly.
+Nothing is read from or written to disk; every item is a pure function of
+``(seed, split, index, image_size)``: the same arguments give byte-identical output
+in any process and in any order (per-item RNG ``np.random.default_rng([seed,
+split_id, index])``).
 
-Image conventions are those of a radiograph read as a PA film: air is dark, soft
-tissue grey, bone and fluid bright; the patient's right side is on the image left.
+Image conventions are those of a PA film: air is dark, soft tissue grey, bone and
+fluid bright; the patient's right side is on the image left.
 
 Rendered structures
-  body outline (neck, shoulders, arms, chest wall) against dark air; both lungs
-  (dark, brighter towards the bases and the periphery) with faint branching vascular
-  markings and hilar shadows; mediastinum with aortic knob; the heart, bulging to the
-  image right; trachea and main bronchi (dark air column); the thoracic spine with
-  vertebral bodies, discs, pedicles and spinous processes; posterior ribs (bright
-  arcs descending laterally, with cortical margins) and fainter anterior ribs
-  (sloping down medially); clavicles; humeral heads and faint scapulae; the
-  diaphragm domes (right dome higher) and the bright abdomen below them with a
-  gastric air bubble; optional breast shadows. The film then gets a slight blur,
-  quantum-like noise and a random exposure curve (gain / offset / gamma / heel
-  gradient).
+  body outline (neck, shoulders, optionally the arms, chest wall) against dark air;
+  both lungs, dark, with faint branching vascular markings and hilar shadows, bases
+  slightly denser; the mediastinum with the aortic knob; the heart, bulging to the
+  image right and sitting on the diaphragm; trachea and main bronchi (dark air
+  column); the spine with vertebral bodies, disc spaces and pedicles, faint behind
+  the heart; posterior ribs (bright arcs rising slightly then descending laterally,
+  with cortical margins) and fainter anterior ribs (sloping down medially);
+  S-shaped clavicles; humeral heads and faint scapulae; diaphragm
+  domes (right dome higher, sharp costophrenic angles) and the bright upper abdomen
+  with a gastric air bubble; optional breast shadows. The film then gets a slight
+  blur, signal-dependent (quantum-like) noise and a random exposure: gain, offset,
+  film shoulder, gamma and a heel-effect gradient.
 
-Patient variation: body size and habitus, translation, a few degrees of rotation,
-scale, inspiration depth (diaphragm height), heart size and position, clavicle
-height, rib spacing, contrast and noise. Geometry is defined in normalised
-coordinates and rasterised directly at ``image_size``, so small images are fast.
+Patient variation: body size and habitus, arm position, translation, a few degrees
+of rotation, scale, inspiration depth (diaphragm height / lung height, which also sets
+the rib spacing), heart size and position, clavicle height, contrast and noise, so
+grid positions correspond only approximately across images. Geometry is defined in
+normalised coordinates and rasterised directly at ``image_size``.
 
-Anatomy labels (``ANATOMY_NAMES``; one label per pixel, later entries in the paint
-order win): background < soft_tissue < abdomen < lungs < ribs < mediastinum < heart
-< spine < trachea < clavicles < humeri. ``right_lung`` is the patient's right lung,
-i.e. the lung on the image left.
+Anatomy labels (``ANATOMY_NAMES``; one label per pixel). Paint order, later wins:
+background < soft_tissue < abdomen < right/left lung < ribs < mediastinum < spine <
+heart < trachea < clavicles < humeri. ``right_lung`` is the patient's right lung,
+i.e. the lung on the image left. A pneumothorax and effusions stay labelled as lung.
 
 Splits
   ``"pretrain"``: normal images only (no findings, no finding fields).
   ``"labelled"``: each of the five ``FINDING_NAMES`` appears independently with
   probability ``FINDING_PROB`` (about 17 % of images are normal):
-    nodule            1-3 small, round, sharply marginated opacities inside a lung;
-    consolidation     patchy, irregular, textured air-space opacity confined to a
-                      lung zone, with air bronchograms;
+    nodule            1-3 small, round, sharply marginated, slightly lobulated
+                      opacities inside the lungs;
+    consolidation     patchy, irregular, textured air-space opacity confined to one
+                      lung (lower zone most often), with air bronchograms;
     pleural_effusion  homogeneous basal opacity with a meniscus (concave upper
-                      border, higher laterally), blunting the costophrenic angle;
-    cardiomegaly      enlarged heart silhouette (cardiothoracic ratio > 0.5); the
-                      anatomy map shows the enlarged heart;
-    pneumothorax      apicolateral hyperlucent rim without vascular markings
-                      (ribs remain visible), bounded by a thin visceral pleural line.
+                      border rising laterally), blunting the costophrenic angle and
+                      effacing the dome; sometimes bilateral;
+    cardiomegaly      enlarged heart silhouette, cardiothoracic ratio 0.56-0.68
+                      (normal hearts: about 0.33-0.49); the anatomy map shows the
+                      enlarged heart;
+    pneumothorax      apicolateral dark rim without vascular markings (ribs remain
+                      visible) bounded by a thin bright visceral pleural line, the
+                      lung edge retracted towards the hilum.
 
 Item format (dict of numpy arrays)
   ``image``          uint8 [S, S]  greyscale radiograph
@@ -51,15 +59,16 @@ Item format (dict of numpy arrays)
   ``index``          int64 []      the (non-negative) index of the item
   labelled split only:
   ``findings``       uint8 [5]     multi-hot over ``FINDING_NAMES``
-  ``finding_masks``  uint8 [S, S]  bit field, bit f set where finding f is present
+  ``finding_masks``  uint8 [S, S]  bit field: bit f set where finding f is present
                                    (cardiomegaly: the whole enlarged heart)
-  ``boxes``          float32 [5,4] (x, y, w, h) in pixels: bounding box of each
-                                   finding's mask (w = x_max - x_min + 1), zeros
-                                   when the finding is absent
+  ``boxes``          float32 [5,4] (x, y, w, h) in pixels, the bounding box of each
+                                   finding's mask (w = x_max - x_min + 1); zeros when
+                                   the finding is absent
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -68,6 +77,7 @@ import numpy as np
 
 __all__ = [
     "ANATOMY_NAMES",
+    "DEFAULT_NUM_EXAMPLES",
     "FINDING_NAMES",
     "FINDING_PROB",
     "SPLITS",
@@ -104,150 +114,226 @@ DEFAULT_NUM_EXAMPLES: dict[str, int] = {"pretrain": 100_000, "labelled": 10_000}
  _HUM) = range(len(ANATOMY_NAMES))
 _NODULE, _CONSOL, _EFFUSION, _CARDIO, _PTX = range(len(FINDING_NAMES))
 
-_SHIFT = 4  # fixed-point bits for cv2 drawing (sub-pixel accurate geometry)
+# Internal tissue codes (tissue map only; mapped to anatomy labels by a LUT).
+_T_BUBBLE = 12            # gastric air bubble -> abdomen
+_T_PTX = (13, 14)         # pneumothorax air, right / left -> right_lung / left_lung
+
+_SHIFT = 4                # fixed-point bits for cv2 drawing (sub-pixel geometry)
 _ONE = 1 << _SHIFT
 
-# Base "density" (brightness before exposure mapping) per tissue class.
-_TISSUE_DENSITY = np.zeros((1, 256), np.float32)
-_TISSUE_DENSITY[0, [_SOFT, _ABD, _RLUNG, _LLUNG, _MED, _HEART, _TRACHEA]] = (
-    0.36, 0.46, 0.36, 0.36, 0.55, 0.58, 0.36)
-_LUNG_LUT = np.zeros((1, 256), np.float32)
-_LUNG_LUT[0, [_RLUNG, _LLUNG]] = 1.0
-_BODY_LUT = np.zeros((1, 256), np.float32)
-_BODY_LUT[0, 1:len(ANATOMY_NAMES)] = 1.0
+# ---------------------------------------------------------------- lookup tables
+_TISSUE_TO_ANATOMY = np.arange(256, dtype=np.uint8)
+_TISSUE_TO_ANATOMY[[_T_BUBBLE, *_T_PTX]] = (_ABD, _RLUNG, _LLUNG)
 
-
-def _u8_lut(scale: float) -> np.ndarray:
-    return (np.arange(256, dtype=np.float32) * np.float32(scale / 255.0)).reshape(1, 256)
-
-
-_BONE_LUT = _u8_lut(0.16)
-_ANT_LUT = _u8_lut(0.07)
-_VESSEL_LUT = _u8_lut(0.2)
-# Bone visibility through dense tissue (the ribs and spine fade behind heart/abdomen).
-_BONE_VIS_LUT = np.ones((1, 256), np.float32)
-_BONE_VIS_LUT[0, [_MED, _HEART, _ABD]] = (0.6, 0.45, 0.6)
+# Density ("brightness before exposure") of each tissue code. _D0 is a constant
+# offset used by the multiplicative noise model and removed by the exposure mapping.
+_D0 = 0.25
+_BASE_LUT = np.zeros((1, 256), np.float32)
+_BASE_LUT[0, [_SOFT, _ABD, _RLUNG, _LLUNG, _MED, _HEART, _TRACHEA, _T_BUBBLE, *_T_PTX]] = (
+    0.36, 0.46, 0.16, 0.16, 0.6, 0.64, 0.42, 0.26, 0.02, 0.02)
+_BASE_LUT += _D0
+# Additive layer (bones, vessels, pleural line): uint8 -> density.
+_ADD_SCALE = 0.16
+_ADD_LUT = (np.arange(256, dtype=np.float32) * np.float32(_ADD_SCALE / 255.0)).reshape(1, 256)
+# Visibility of the additive layer through dense tissue (bones fade behind the heart).
+_VIS_LUT = np.full((1, 256), 255, np.uint8)
+_VIS_LUT[0, [_BG, _MED, _HEART, _ABD, _T_BUBBLE]] = (0, 130, 75, 150, 150)
 _FILM_MAX = 1.25
 
+# Drawing values in the additive layer (units of _ADD_SCALE / 255).
+_V_RIB, _V_RIB_IN = 255, 200
+_V_ANT, _V_ANT_IN = 110, 80
+_V_SCAPULA = 45
+_V_COLUMN, _V_VERT, _V_PED = 70, 100, 150
+_V_CLAV, _V_CLAV_IN = 235, 195
+_V_HUM = 190
+_V_VESSEL = (110, 150, 170, 220)  # thin, medium, thick, hilum (half-res canvas)
 
-def _film_lut(knee: float, gamma: float) -> np.ndarray:
-    """Film characteristic curve: linear up to ``knee``, exponential shoulder, gamma."""
+# Constant parameter grids.
+_CIRC10 = np.linspace(0.0, 2.0 * np.pi, 10, endpoint=False)
+_CIRC16 = np.linspace(0.0, 2.0 * np.pi, 16, endpoint=False)
+_CAP_T = np.linspace(0.0, 1.0, 10)
+_LAT_T = np.linspace(0.0, 1.0, 28) ** 1.3
+_DOME_T = np.linspace(0.0, 1.0, 18)
+_HEART_TH = np.linspace(-0.5 * np.pi, 0.5 * np.pi, 24)
+_HUM_TH = np.linspace(-0.35 * np.pi, 1.35 * np.pi, 20)
+_ABD_T = np.linspace(1.0, 0.0, 24)
+_VERT_D = np.array([-1.0, -0.93, -1.0, 1.0, 0.93, 1.0])
+_VERT_Y = np.array([0.0, 0.5, 1.0, 1.0, 0.5, 0.0])
+_RIB_K = np.arange(10, dtype=np.float64)[:, None]
+
+
+@functools.lru_cache(maxsize=None)
+def _film_lut_q(knee_q: int, gamma_q: int) -> np.ndarray:
+    knee, gamma = knee_q / 200.0, gamma_q / 100.0
     x = np.arange(256, dtype=np.float64) * (_FILM_MAX / 255.0)
     w = 1.0 - knee
     y = np.where(x < knee, x, knee + w * (1.0 - np.exp(-(x - knee) / w)))
-    return np.round(255.0 * np.clip(y, 0.0, 1.0) ** gamma).astype(np.uint8)
+    lut = np.round(255.0 * np.minimum(y, 1.0) ** gamma).astype(np.uint8)
+    lut.flags.writeable = False
+    return lut
 
 
-# --------------------------------------------------------------------------- helpers
+def _film_lut(knee: float, gamma: float) -> np.ndarray:
+    """Film characteristic curve: linear up to ``knee``, exponential shoulder, then gamma.
+
+    Parameters are quantised (knee to 0.005, gamma to 0.01) so the tables can be cached.
+    """
+    return _film_lut_q(int(round(knee * 200.0)), int(round(gamma * 100.0)))
+
+
+def _u8_to_f32(scale: float) -> np.ndarray:
+    return (np.arange(256, dtype=np.float32) * np.float32(scale / 255.0)).reshape(1, 256)
+
+
+# ----------------------------------------------------------------------- helpers
+def _clip01(x):
+    """Clip to [0, 1] (np.clip has a large per-call overhead on small arrays)."""
+    return np.minimum(np.maximum(x, 0.0), 1.0)
+
+
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0.05:
         return img
-    k = 2 * int(math.ceil(2.5 * sigma)) + 1
+    k = 2 * int(math.ceil(2.0 * sigma)) + 1
     return cv2.GaussianBlur(img, (k, k), sigma, borderType=cv2.BORDER_REPLICATE)
 
 
-def _side_pts(d: np.ndarray, y: np.ndarray, s: float) -> np.ndarray:
-    """Patient coordinates (distance d from the midline, y) -> normalised image (x, y)."""
-    d, y = np.broadcast_arrays(np.asarray(d, np.float64), np.asarray(y, np.float64))
-    return np.stack([0.5 + s * d, y], axis=-1)
+def _sp(d, y, s) -> np.ndarray:
+    """Patient coordinates (distance d from the midline, height y) -> image (x, y).
+
+    ``s`` is the side: -1 = patient right (image left), +1 = patient left. ``d`` and
+    ``y`` broadcast against each other.
+    """
+    d = np.asarray(d, np.float64)
+    y = np.asarray(y, np.float64)
+    if d.shape == y.shape and isinstance(s, float):
+        shape = d.shape
+    else:
+        shape = np.broadcast_shapes(d.shape, y.shape, np.shape(s))
+    out = np.empty(shape + (2,))
+    out[..., 0] = 0.5 + s * d
+    out[..., 1] = y
+    return out
 
 
-def _band(center: np.ndarray, half_width: np.ndarray | float) -> np.ndarray:
-    """Outline polygon(s) of a band of given half width around centre line(s) [..., T, 2]."""
-    tang = np.gradient(center, axis=-2)
-    tang /= np.linalg.norm(tang, axis=-1, keepdims=True) + 1e-9
+def _band(center: np.ndarray, half_widths) -> list[np.ndarray]:
+    """Outline polygons of bands of the given half widths around centre lines [..., T, 2]."""
+    tang = np.empty_like(center)
+    tang[..., 1:-1, :] = center[..., 2:, :] - center[..., :-2, :]
+    tang[..., 0, :] = center[..., 1, :] - center[..., 0, :]
+    tang[..., -1, :] = center[..., -1, :] - center[..., -2, :]
+    tang /= np.sqrt((tang ** 2).sum(-1, keepdims=True)) + 1e-12
     normal = np.stack([-tang[..., 1], tang[..., 0]], axis=-1)
-    hw = np.asarray(half_width, np.float64)
-    if hw.ndim:
-        hw = hw[..., None]
-    a = center + normal * hw
-    b = center - normal * hw
-    return np.concatenate([a, b[..., ::-1, :]], axis=-2)
+    out = []
+    for hw in half_widths:
+        off = normal * np.asarray(hw)[..., None]
+        out.append(np.concatenate([center + off, (center - off)[..., ::-1, :]], axis=-2))
+    return out
 
 
 class _Geo:
-    """Per-sample geometry: affine from normalised patient space to pixels."""
+    """Per-sample affine map from normalised patient space to pixels."""
 
     def __init__(self, p: dict[str, Any], size: int):
         self.size = size
         c, s = math.cos(p["rot"]), math.sin(p["rot"])
         sc = p["scale"]
+        self.scale = sc
         self.lin = np.array([[c * sc, -s * sc], [s * sc, c * sc]])
         self.off = np.array([0.5 + p["tx"], 0.5 + p["ty"]]) - self.lin @ np.array([0.5, 0.5])
+        self._mats: dict[tuple[int, bool], np.ndarray] = {}
 
-    def norm(self, pts: np.ndarray) -> np.ndarray:
-        return pts @ self.lin.T + self.off
+    def _mat(self, size: int, fixed: bool) -> np.ndarray:
+        key = (size, fixed)
+        m = self._mats.get(key)
+        if m is None:
+            f = _ONE if fixed else 1.0
+            m = np.concatenate([self.lin * (size * f), ((self.off * size - 0.5) * f)[:, None]], 1)
+            self._mats[key] = m
+        return m
+
+    def pxf(self, pts: np.ndarray, size: int | None = None) -> np.ndarray:
+        """Normalised points [..., 2] -> float pixel coordinates (pixel centres at integers)."""
+        pts = np.ascontiguousarray(pts, np.float64)
+        q = cv2.transform(pts.reshape(-1, 1, 2), self._mat(size or self.size, False))
+        return q.reshape(pts.shape)
 
     def px(self, pts: np.ndarray, size: int | None = None) -> np.ndarray:
-        """Normalised points -> fixed-point int32 pixel coordinates (shift=_SHIFT)."""
-        n = size or self.size
-        q = self.norm(pts) * n - 0.5
-        return np.round(q * _ONE).astype(np.int32)
+        """Normalised points [..., 2] -> fixed-point int32 pixel coordinates (shift=_SHIFT)."""
+        pts = np.ascontiguousarray(pts, np.float64)
+        q = cv2.transform(pts.reshape(-1, 1, 2), self._mat(size or self.size, True))
+        return np.rint(q).astype(np.int32).reshape(pts.shape)
 
-    def pxf(self, pts: np.ndarray) -> np.ndarray:
-        """Normalised points -> float pixel coordinates."""
-        return self.norm(pts) * self.size - 0.5
+    def px_many(self, arrays, size: int | None = None) -> list[np.ndarray]:
+        """``px`` of several point arrays with a single transform call."""
+        flat = np.concatenate([np.reshape(a, (-1, 2)) for a in arrays])
+        q = self.px(flat, size)
+        out, i = [], 0
+        for a in arrays:
+            n = a.size // 2
+            out.append(q[i:i + n].reshape(a.shape))
+            i += n
+        return out
 
     def length(self, v: float, size: int | None = None) -> float:
-        """A normalised length in pixels (rotation-invariant)."""
-        return v * math.hypot(*self.lin[0]) * (size or self.size)
+        return v * self.scale * (size or self.size)
 
 
 def _fill(img, polys, value):
-    cv2.fillPoly(img, list(polys), value, cv2.LINE_8, _SHIFT)
+    """Fill polygon(s): an int32 array [N, K, 2] / [K, 2] or a list of [K, 2] arrays."""
+    if isinstance(polys, np.ndarray) and polys.ndim == 2:
+        polys = polys[None]
+    cv2.fillPoly(img, polys, value, cv2.LINE_8, _SHIFT)
 
 
-def _lines(img, lines, value, thick):
-    cv2.polylines(img, list(lines), False, value, max(1, int(round(thick))), cv2.LINE_8, _SHIFT)
+def _lines(img, lines, value, thick, closed=False):
+    if isinstance(lines, np.ndarray) and lines.ndim == 2:
+        lines = lines[None]
+    cv2.polylines(img, lines, closed, value, max(1, int(round(thick))), cv2.LINE_8, _SHIFT)
 
 
-# ------------------------------------------------------------------ sampling of patients
+# --------------------------------------------------------------- patient sampling
+_PATIENT_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("scale", 0.90, 1.03), ("y_apex", 0.085, 0.125), ("insp", 0.0, 1.0), ("insp_j", -0.015, 0.015),
+    ("dome_l", 0.01, 0.04), ("d_peak_r", 0.17, 0.22), ("d_peak_l", 0.18, 0.23),
+    ("cp_drop_r", 0.06, 0.09), ("cp_drop_l", 0.06, 0.09), ("W", 0.35, 0.41),
+    ("W_r", -0.008, 0.008), ("W_l", -0.008, 0.008), ("d_apex_r", 0.14, 0.17),
+    ("d_apex_l", 0.14, 0.17), ("st", 0.02, 0.075), ("heart_r", 0.075, 0.105),
+    ("heart_l", 0.19, 0.245), ("heart_dx", -0.01, 0.01), ("heart_top", 0.42, 0.5),
+    ("med_w", 0.9, 1.15), ("carina", 0.28, 0.32), ("y_clav", 0.075, 0.11),
+    ("clav_lat", 0.01, 0.045), ("rib_sp", 0.95, 1.05), ("rib_drop", 0.04, 0.065),
+    ("rib_rise", 0.045, 0.075), ("rib_w", 0.0075, 0.0092), ("hum_d", 0.415, 0.445),
+    ("hum_y", 0.06, 0.1), ("arms", 0.0, 1.0), ("breast", 0.0, 1.0), ("breast_y", 0.62, 0.75),
+    ("bubble", 0.0, 1.0), ("zone", 0.2, 0.35), ("gain", 0.92, 1.12), ("offset", -0.03, 0.03),
+    ("gamma", 0.8, 1.25), ("knee", 0.68, 0.8), ("heel", -0.12, 0.12), ("noise", 0.01, 0.024),
+    ("blur", 0.45, 0.95),
+)
+_PR_LO = np.array([r[1] for r in _PATIENT_RANGES])
+_PR_HI = np.array([r[2] for r in _PATIENT_RANGES])
+
+
 def _sample_patient(rng: np.random.Generator) -> dict[str, Any]:
-    p: dict[str, Any] = {}
-    u = rng.uniform
-    p["scale"] = u(0.90, 1.03)
-    p["rot"] = math.radians(float(np.clip(rng.normal(0.0, 1.6), -4.5, 4.5)))
-    p["tx"], p["ty"] = (float(v) for v in np.clip(rng.normal(0.0, 0.015, 2), -0.04, 0.04))
-    p["y_apex"] = u(0.085, 0.125)
-    insp = u(0.0, 1.0)                      # inspiration depth
-    y_r = 0.59 + 0.11 * insp + u(-0.015, 0.015)
-    p["y_peak"] = (y_r, y_r + u(0.01, 0.04))  # right dome higher
-    p["d_peak"] = (u(0.17, 0.22), u(0.18, 0.23))
-    p["cp_drop"] = (u(0.06, 0.09), u(0.06, 0.09))
-    W = u(0.35, 0.41)
-    p["W"] = (W + u(-0.008, 0.008), W + u(-0.008, 0.008))
-    p["d_apex"] = (u(0.14, 0.17), u(0.14, 0.17))
-    p["st"] = u(0.02, 0.075)               # soft-tissue thickness of the chest wall
-    # heart: right border R and left border L from the midline (CTR ~ 0.36-0.48)
-    p["heart_r"] = u(0.075, 0.105)
-    p["heart_l"] = u(0.19, 0.245)
-    p["heart_dx"] = u(-0.01, 0.01)
-    p["heart_top"] = u(0.42, 0.5)
-    p["med_w"] = u(0.9, 1.15)
-    p["carina"] = u(0.28, 0.32)
-    p["y_clav"] = p["y_apex"] + u(0.075, 0.11)
-    p["clav_lat"] = p["y_apex"] + u(0.01, 0.045)
-    p["rib_sp"] = u(0.042, 0.05)
-    p["rib_drop"] = u(0.04, 0.065)
-    p["rib_rise"] = u(0.045, 0.075)
-    p["rib_w"] = u(0.0075, 0.0092)
-    p["hum_d"] = u(0.415, 0.455)
-    p["hum_y"] = p["y_apex"] + u(0.06, 0.1)
-    p["arms"] = u() < 0.5
-    p["breast"] = u() < 0.35
-    p["breast_y"] = u(0.62, 0.75)
-    p["bubble"] = u() < 0.8
-    # vessels: primary angles and step jitter per lung
-    p["vessel_seed"] = int(rng.integers(0, 2**31 - 1))
-    # film / exposure
-    p["gain"] = u(0.92, 1.12)
-    p["offset"] = u(-0.07, 0.03)
-    p["gamma"] = u(0.8, 1.25)
-    p["knee"] = u(0.68, 0.8)
-    p["heel"] = u(-0.12, 0.12)
-    p["noise"] = u(0.012, 0.03)
-    p["blur"] = u(0.45, 0.95)
-    p["noise_off"] = (int(rng.integers(0, 1 << 30)), int(rng.integers(0, 1 << 30)))
+    """Random patient / film parameters (normalised units, see _PATIENT_RANGES)."""
+    p: dict[str, Any] = dict(zip([r[0] for r in _PATIENT_RANGES],
+                                 rng.uniform(_PR_LO, _PR_HI).tolist()))
+    rot, tx, ty = rng.normal(0.0, 1.0, 3).tolist()
+    p["rot"] = math.radians(min(max(1.6 * rot, -4.5), 4.5))
+    p["tx"] = min(max(0.015 * tx, -0.04), 0.04)
+    p["ty"] = min(max(0.015 * ty, -0.04), 0.04)
+    y_r = 0.59 + 0.11 * p["insp"] + p["insp_j"]            # inspiration depth
+    p["y_peak"] = (y_r, y_r + p["dome_l"])                  # right dome higher
+    p["d_peak"] = (p["d_peak_r"], p["d_peak_l"])
+    p["cp_drop"] = (p["cp_drop_r"], p["cp_drop_l"])
+    p["W"] = (p["W"] + p["W_r"], p["W"] + p["W_l"])
+    p["d_apex"] = (p["d_apex_r"], p["d_apex_l"])
+    p["y_clav"] += p["y_apex"]
+    p["clav_lat"] += p["y_apex"]
+    p["hum_y"] += p["y_apex"]
+    p["arms"] = p["arms"] < 0.5
+    p["breast"] = p["breast"] < 0.35
+    p["bubble"] = p["bubble"] < 0.8
+    p["noise_off"] = tuple(rng.integers(0, 1 << 30, 2).tolist())
     return p
 
 
@@ -255,56 +341,58 @@ def _sample_findings(rng: np.random.Generator) -> np.ndarray:
     return (rng.uniform(size=len(FINDING_NAMES)) < FINDING_PROB).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------- geometry
-def _lateral_w(p, i: int, y: np.ndarray) -> np.ndarray:
-    """Half-width of the lung (inner rib cage) on side i at height y."""
-    y_apex = p["y_apex"]
-    y_cp = p["y_peak"][i] + p["cp_drop"][i]
-    t = np.clip((np.asarray(y) - y_apex) / (y_cp - y_apex), 0.0, 1.0)
-    d0, W = p["d_apex"][i], p["W"][i]
+# ---------------------------------------------------------------------- geometry
+def _lat_w(y, y_apex, y_cp, d0, W):
+    t = _clip01((y - y_apex) / (y_cp - y_apex))
     w = d0 + (W - d0) * (1.0 - (1.0 - t) ** 1.8)
-    return w - 0.012 * np.clip((t - 0.85) / 0.15, 0.0, 1.0) ** 2
+    return w - 0.012 * _clip01((t - 0.85) / 0.15) ** 2
 
 
-def _dome_y(p, i: int, d: np.ndarray) -> np.ndarray:
+def _lateral_w(p, i: int, y) -> np.ndarray:
+    """Half-width of lung i (inner rib cage) at height y."""
+    return _lat_w(np.asarray(y), p["y_apex"], p["y_peak"][i] + p["cp_drop"][i],
+                  p["d_apex"][i], p["W"][i])
+
+
+def _dome_y(p, i: int, d) -> np.ndarray:
     """Diaphragm height at distance d (>= 0) from the midline on side i."""
-    d = np.asarray(d, np.float64)
-    yp, dp = p["y_peak"][i], p["d_peak"][i]
-    y_cp = yp + p["cp_drop"][i]
-    w_cp = float(_lateral_w(p, i, y_cp))
-    lat = yp + (y_cp - yp) * ((d - dp) / (w_cp - dp)) ** 2
-    med = yp + 0.035 * ((dp - np.maximum(d, 0.05)) / (dp - 0.05)) ** 2
-    return np.where(d >= dp, np.minimum(lat, y_cp + 0.06), med)
+    yp, dp, cp = p["y_peak"][i], p["d_peak"][i], p["cp_drop"][i]
+    a_lat = cp / (p["W"][i] - 0.012 - dp) ** 2     # reaches the costophrenic angle at the wall
+    a_med = 0.035 / (dp - 0.05) ** 2
+    u = np.asarray(d, np.float64) - dp
+    m = np.minimum(u, 0.0)
+    m = np.maximum(m, 0.05 - dp)
+    lat = np.minimum(a_lat * u * u, cp + 0.06)
+    return yp + np.where(u >= 0.0, lat, a_med * m * m)
 
 
-def _dome_x(p, x: np.ndarray) -> np.ndarray:
+def _dome_x(p, x) -> np.ndarray:
     """Diaphragm height as a function of normalised image x (both sides)."""
     d = np.asarray(x) - 0.5
-    return np.where(d < 0, _dome_y(p, 0, np.abs(d)), _dome_y(p, 1, np.abs(d)))
+    ad = np.abs(d)
+    return np.where(d < 0, _dome_y(p, 0, ad), _dome_y(p, 1, ad))
 
 
-def _lung_outline(p, i: int, n: int = 56) -> np.ndarray:
-    """Lung outline for side i (0 = patient right = image left) in normalised coords."""
+def _lung_outline(p, i: int) -> np.ndarray:
+    """Lung outline for side i (0 = patient right = image left)."""
     s = -1.0 if i == 0 else 1.0
     y_apex, d_apex = p["y_apex"], p["d_apex"][i]
     y_cp = p["y_peak"][i] + p["cp_drop"][i]
-    t = np.linspace(0.0, 1.0, 10)
-    cap_d = 0.055 + (d_apex - 0.055) * t
-    cap_y = y_apex + 0.075 * (1.0 - t) ** 2
-    ly = y_apex + (y_cp - y_apex) * np.linspace(0.0, 1.0, n // 2) ** 1.3
+    cap_d = 0.055 + (d_apex - 0.055) * _CAP_T
+    cap_y = y_apex + 0.075 * (1.0 - _CAP_T) ** 2
+    ly = y_apex + (y_cp - y_apex) * _LAT_T
     ld = _lateral_w(p, i, ly)
-    w_cp = float(ld[-1])
-    dd = np.linspace(w_cp, 0.05, n // 3)
+    dd = ld[-1] + (0.05 - ld[-1]) * _DOME_T
     dy = _dome_y(p, i, dd)
     d = np.concatenate([cap_d, ld[1:], dd[1:], [0.05]])
     y = np.concatenate([cap_y, ly[1:], dy[1:], [y_apex + 0.075]])
-    return _side_pts(d, y, s)
+    return _sp(d, y, s)
 
 
-def _heart_outline(p, ctr_target: float | None = None, n: int = 24):
-    """Heart silhouette (normalised coords) and (x, y) of its widest level.
+def _heart_outline(p, ctr_target: float | None = None):
+    """Heart silhouette and the height of its widest level.
 
-    Right border (image left) at distance R from the midline, left ventricle border at
+    Right border (image left) at distance R from the midline, left-ventricle border at
     L; the lower part is cut by the diaphragm so the heart sits on the domes. With
     ``ctr_target`` the heart is scaled to that cardiothoracic ratio (cardiomegaly).
     """
@@ -315,139 +403,220 @@ def _heart_outline(p, ctr_target: float | None = None, n: int = 24):
         f = ctr_target * (p["W"][0] + p["W"][1]) / (R + L)
         R, L = R * f, L * f
         y_t -= 0.03 * (f - 1.0)
-    th = np.linspace(-0.5 * np.pi, 0.5 * np.pi, n)
-    sides = []
+    th = _HEART_TH
+    cth = np.cos(th).clip(0.0, 1.0)
+    sth = np.sin(th)
+    xs, ys = [], []
     for width, frac, expo in ((R, 0.68, 0.8), (L, 0.8, 0.62)):
         yc = y_t + frac * (y_d - y_t)
         ry = np.where(th < 0, yc - y_t, (y_d - yc) + 0.09)
-        sides.append((width * np.cos(th).clip(0.0, 1.0) ** expo, yc + ry * np.sin(th)))
+        xs.append(width * cth ** expo)
+        ys.append(yc + ry * sth)
     cx = 0.5 + p["heart_dx"]
-    x = np.concatenate([cx - sides[0][0], (cx + sides[1][0])[::-1]])
-    y = np.concatenate([sides[0][1], sides[1][1][::-1]])
+    x = np.concatenate([cx - xs[0], (cx + xs[1])[::-1]])
+    y = np.concatenate([ys[0], ys[1][::-1]])
     y = np.minimum(y, _dome_x(p, x) + 0.004)
-    yc = y_t + 0.68 * (y_d - y_t)
-    return np.stack([x, y], -1), (0.5, yc)
+    return np.stack([x, y], -1), y_t + 0.68 * (y_d - y_t)
 
 
 def _mediastinum_outline(p, heart_cy: float) -> np.ndarray:
     mw = p["med_w"]
     top = p["y_apex"] - 0.03
     y_ak = p["carina"] - 0.04
-    right = _side_pts(np.array([0.058, 0.062, 0.068, 0.075, 0.085]) * mw,
-                      np.array([top, 0.2, y_ak + 0.05, y_ak + 0.12, heart_cy]), -1.0)
-    left = _side_pts(np.array([0.09, 0.08, 0.072, 0.095, 0.085, 0.09, 0.083, 0.055]) * mw,
-                     np.array([heart_cy, y_ak + 0.12, y_ak + 0.09, y_ak + 0.02, y_ak - 0.01,
-                               y_ak - 0.035, y_ak - 0.07, top]), 1.0)
+    right = _sp(np.array([0.058, 0.062, 0.068, 0.075, 0.085]) * mw,
+                np.array([top, 0.2, y_ak + 0.05, y_ak + 0.12, heart_cy]), -1.0)
+    left = _sp(np.array([0.09, 0.08, 0.072, 0.095, 0.085, 0.09, 0.083, 0.055]) * mw,
+               np.array([heart_cy, y_ak + 0.12, y_ak + 0.09, y_ak + 0.02, y_ak - 0.01,
+                         y_ak - 0.035, y_ak - 0.07, top]), 1.0)
     return np.concatenate([right, left])
 
 
 def _body_outline(p, with_arms: bool) -> np.ndarray:
     wb = max(p["W"]) + p["st"]
     sh = p["hum_y"] - 0.05
-    d = [0.12, 0.125, 0.2, 0.32, wb + 0.03, wb + 0.06]
-    y = [-0.2, 0.02, 0.065, sh - 0.02, sh + 0.01, sh + 0.05]
+    ds = max(wb + 0.06, p["hum_d"] + 0.075)   # shoulder encloses the humeral head
+    d = [0.12, 0.125, 0.2, 0.32, ds - 0.03, ds]
+    y = [-0.2, 0.02, 0.065, sh - 0.02, sh + 0.005, sh + 0.05]
     if with_arms and p["arms"]:   # arms alongside the chest: soft tissue to the edges
-        d += [0.56, 0.62, 0.62]
+        d += [0.58, 0.64, 0.64]
         y += [sh + 0.08, sh + 0.2, 1.2]
     else:                         # arms abducted: air lateral to the chest wall
         if with_arms:
-            d += [wb + 0.1, wb + 0.08, wb + 0.03]
-            y += [sh + 0.08, sh + 0.13, sh + 0.16]
+            d += [ds + 0.04, ds + 0.02, wb + 0.03]
+            y += [sh + 0.1, sh + 0.15, sh + 0.18]
         d += [wb, wb, wb - 0.03]
-        y += [sh + 0.22, 0.75, 1.2]
+        y += [sh + 0.24, 0.75, 1.2]
     d, y = np.array(d), np.array(y)
-    right = _side_pts(d, y, -1.0)
-    left = _side_pts(d[::-1], y[::-1], 1.0)
-    return np.concatenate([right, left])
+    return np.concatenate([_sp(d, y, -1.0), _sp(d[::-1], y[::-1], 1.0)])
 
 
 def _abdomen_outline(p) -> np.ndarray:
-    wb = max(p["W"]) + 0.5 * p["st"]
-    dd = np.linspace(wb, 0.0, 24)
-    lift = 0.05 * np.clip((0.07 - dd) / 0.02, 0.0, 1.0)  # fill in under the heart
-    right = _side_pts(dd, _dome_y(p, 0, dd) - lift, -1.0)
-    left = _side_pts(dd[::-1], (_dome_y(p, 1, dd) - lift)[::-1], 1.0)
+    wb = max(p["W"]) + 0.5 * p["st"] - 0.035
+    dd = wb * _ABD_T
+    lift = 0.05 * _clip01((0.07 - dd) / 0.02)  # fill in under the heart
+    right = _sp(dd, _dome_y(p, 0, dd) - lift, -1.0)
+    left = _sp(dd[::-1], (_dome_y(p, 1, dd) - lift)[::-1], 1.0)
     bottom = np.array([[0.5 + wb, 1.2], [0.5 - wb, 1.2]])
     return np.concatenate([right, left, bottom])
 
 
-def _ribs(p, i: int):
-    """Posterior and anterior rib centre lines [R, T, 2] and half widths for side i."""
-    s = -1.0 if i == 0 else 1.0
-    k = np.arange(10, dtype=np.float64)[:, None]
-    T = 14
-    t = np.linspace(0.0, 1.0, T)[None, :]
-    y0 = p["y_apex"] - 0.012 + p["rib_sp"] * (k + 0.02 * k ** 2)
-    drop = p["rib_drop"] * (1.0 + 0.035 * k)
-    rise = p["rib_rise"] * (1.0 - 0.04 * k)
-    y_lat = y0 + drop
-    d_lat = _lateral_w(p, i, y_lat) + 0.008
+_SIDES3 = np.array([-1.0, 1.0])[:, None, None]
+
+
+_RIB_TEMPLATES: dict[int, dict[str, np.ndarray]] = {}
+
+
+def _rib_template(T: int) -> dict[str, np.ndarray]:
+    tpl = _RIB_TEMPLATES.get(T)
+    if tpl is None:
+        t = np.linspace(0.0, 1.0, T)
+        k = _RIB_K
+        tpl = {
+            "t": t, "t095": t ** 0.95, "t3": t ** 3, "t115": t ** 1.15, "sin": np.sin(np.pi * t),
+            "hw_post": ((1.0 + 0.04 * k) * np.minimum(1.0, 0.55 + 3.0 * t) * (1.0 - 0.3 * t ** 8)),
+            "hw_ant": np.broadcast_to(0.0125 * (1.0 - 0.6 * t ** 3) * np.minimum(1.0, 0.4 + 2.5 * t),
+                                      (14, T)).copy(),
+            "drop_k": 1.0 + 0.035 * k, "rise_k": 1.0 - 0.04 * k, "pos_k": k + 0.02 * k ** 2,
+            "d_end": 0.085 + 0.018 * k[:7], "slope": 0.42 + 0.04 * k[:7],
+        }
+        _RIB_TEMPLATES[T] = tpl
+    return tpl
+
+
+def _ribs(p, T: int):
+    """Rib centre lines, both sides: posterior [20, T, 2], anterior [14, T, 2], + half widths."""
+    tp = _rib_template(T)
+    drop = p["rib_drop"] * tp["drop_k"]                 # [10, 1]
+    rise = p["rib_rise"] * tp["rise_k"]
+    y_first = p["y_apex"] - 0.012
+    # spacing such that the 9th rib's lateral end reaches the costophrenic angle
+    y_cp = 0.5 * (p["y_peak"][0] + p["y_peak"][1] + p["cp_drop"][0] + p["cp_drop"][1])
+    sp = p["rib_sp"] * (y_cp + 0.005 - y_first - drop[9, 0]) / (9.0 + 0.02 * 81.0)
+    y0 = y_first + sp * tp["pos_k"]
+    y_lat = y0 + drop                                  # [10, 1]
+    d_lat = np.concatenate([_lateral_w(p, 0, y_lat), _lateral_w(p, 1, y_lat)]) + 0.008  # [20, 1]
     d0 = 0.028
-    d = d0 + (d_lat - d0) * t ** 0.95
-    y = y0 - rise * t + (drop + rise) * t ** 3
-    post = _side_pts(d, y, s)
-    hw_post = p["rib_w"] * (1.0 + 0.04 * k) * np.minimum(1.0, 0.55 + 3.0 * t) * (1.0 - 0.3 * t ** 8)
-    ka = k[:7]
-    d_end = 0.085 + 0.018 * ka
-    slope = 0.42 + 0.04 * ka
-    d_l = d_lat[:7]
-    y_l = y_lat[:7]
-    da = d_l + (d_end - d_l) * t
-    ya = y_l + slope * (d_l - d_end) * t ** 1.15 - 0.012 * np.sin(np.pi * t)
-    ant = _side_pts(da, ya, s)
-    hw_ant = 0.0125 * (1.0 - 0.6 * t ** 3)
-    return post, hw_post, ant, hw_ant
+    post = np.empty((20, T, 2))
+    dd = d0 + (d_lat - d0) * tp["t095"]                # [20, T]
+    yy = y0 - rise * tp["t"] + (drop + rise) * tp["t3"]  # [10, T]
+    post[:10, :, 0] = 0.5 - dd[:10]
+    post[10:, :, 0] = 0.5 + dd[10:]
+    post[:10, :, 1] = yy
+    post[10:, :, 1] = yy
+    hw_post = np.concatenate([tp["hw_post"], tp["hw_post"]]) * p["rib_w"]
+    d_l = np.concatenate([d_lat[:7], d_lat[10:17]])    # [14, 1]
+    y_l = np.concatenate([y_lat[:7], y_lat[:7]])
+    d_end = np.concatenate([tp["d_end"], tp["d_end"]])
+    slope = np.concatenate([tp["slope"], tp["slope"]])
+    da = d_l - 0.006 + (d_end - d_l + 0.006) * tp["t"]
+    ant = np.empty((14, T, 2))
+    ant[:7, :, 0] = 0.5 - da[:7]
+    ant[7:, :, 0] = 0.5 + da[7:]
+    ant[..., 1] = y_l + slope * (d_l - d_end) * tp["t115"] - 0.012 * tp["sin"]
+    return post, hw_post, ant, tp["hw_ant"]
 
 
-def _vessels(p, rng: np.random.Generator, i: int, hilum: tuple[float, float], lung_h: float):
-    """Branching vessel polylines (three calibre tiers) for side i."""
-    s = -1.0 if i == 0 else 1.0
-    n_p, steps = 8, 6
-    ang = np.linspace(-1.35, 1.25, n_p) + rng.normal(0, 0.12, n_p)
-    dth = rng.normal(0, 0.22, (n_p, steps)).cumsum(axis=1)
-    th = ang[:, None] + dth
-    step = lung_h * 0.085 * rng.uniform(0.75, 1.15, (n_p, steps))
-    vx = (s * np.cos(th) * step).cumsum(axis=1)
-    vy = (np.sin(th) * step).cumsum(axis=1)
-    hx, hy = 0.5 + s * hilum[0], hilum[1]
-    pts = np.stack([np.concatenate([np.full((n_p, 1), hx), hx + vx], 1),
-                    np.concatenate([np.full((n_p, 1), hy), hy + vy], 1)], -1)  # [n_p, 7, 2]
-    # secondary branches from points 2 and 3 of each primary
-    roots = pts[:, 2:4].reshape(-1, 2)
-    sign = np.where(rng.uniform(size=roots.shape[0]) < 0.5, -1.0, 1.0)
-    th2 = np.repeat(th[:, 2:4].reshape(-1), 1) + sign * rng.uniform(0.4, 0.8, roots.shape[0])
-    th2 = th2[:, None] + rng.normal(0, 0.2, (roots.shape[0], 3)).cumsum(1)
-    st2 = lung_h * 0.06 * rng.uniform(0.7, 1.2, (roots.shape[0], 3))
-    sx = (s * np.cos(th2) * st2).cumsum(1)
-    sy = (np.sin(th2) * st2).cumsum(1)
-    sec = np.stack([np.concatenate([roots[:, :1], roots[:, :1] + sx], 1),
-                    np.concatenate([roots[:, 1:], roots[:, 1:] + sy], 1)], -1)
-    return pts, sec
+def _spine_template():
+    """Spine drawn with unit vertical scale: (d, y_rel) of vertebral bodies and pedicles."""
+    j = np.arange(30, dtype=np.float64)[:, None]
+    h = 0.033 + 0.0021 * j
+    y = np.concatenate([[[0.0]], np.cumsum(h)[:-1, None]])
+    hw = 0.029 + 0.0011 * j
+    g = 0.18 * h
+    y1, hh = y + 0.5 * g, h - g
+    c6 = np.linspace(0.0, 2.0 * np.pi, 6, endpoint=False)
+    verts = _sp(_VERT_D * hw, y1 + _VERT_Y * hh, 1.0)
+    ped_d, ped_y = 0.6 * hw + 0.22 * hw * np.cos(c6), y1 + 0.32 * hh + 0.24 * hh * np.sin(c6)
+    peds = np.stack([_sp(ped_d, ped_y, -1.0), _sp(ped_d, ped_y, 1.0)], 1)   # [30, 2, 6, 2]
+    return y[:, 0], verts, peds
+
+
+_SPINE_T = _spine_template()
+
+
+def _spine(p):
+    """Vertebral bodies [N, 6, 2] and pedicles [2N, 6, 2]."""
+    hs = 0.95 + 0.25 * (p["y_peak"][0] - 0.59) / 0.11     # taller vertebrae with deep inspiration
+    y_start, verts, peds = _SPINE_T
+    n = int(np.count_nonzero(y_start * hs < 1.18))
+    out = []
+    for a in (verts[:n], peds[:n].reshape(2 * n, 6, 2)):
+        a = a.copy()
+        a[..., 1] *= hs
+        a[..., 1] -= 0.03
+        out.append(a)
+    return out
+
+
+_VESSEL_BANK_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _vessel_bank() -> tuple[np.ndarray, np.ndarray]:
+    """Pre-generated branching vessel trees in lung-relative units.
+
+    Hilum at the origin, +x lateral, +y caudal, unit = lung height. Returns primaries
+    [B, 8, 7, 2] and secondary branches [B, 16, 4, 2]. Generated once per process from
+    a fixed seed (so items stay deterministic); each item picks one tree per lung.
+    """
+    rng = np.random.default_rng(0x7E55E1)
+    B, n_p, steps, n_s = _VESSEL_BANK_SIZE, 8, 6, 16
+    ang = np.linspace(-1.35, 1.25, n_p)[None, :] + rng.normal(0, 0.12, (B, n_p))
+    th = ang[..., None] + rng.normal(0, 0.22, (B, n_p, steps)).cumsum(axis=-1)
+    step = 0.08 * rng.uniform(0.75, 1.15, (B, n_p, steps))
+    prim = np.zeros((B, n_p, steps + 1, 2))
+    prim[..., 1:, 0] = (np.cos(th) * step).cumsum(axis=-1)
+    prim[..., 1:, 1] = (np.sin(th) * step).cumsum(axis=-1)
+    roots = prim[:, :, 2:4].reshape(B, n_s, 2)
+    sign = np.where(rng.uniform(size=(B, n_s)) < 0.5, -1.0, 1.0)
+    th2 = (th[:, :, 1:3].reshape(B, n_s) + sign * rng.uniform(0.4, 0.8, (B, n_s)))[..., None] \
+        + rng.normal(0, 0.2, (B, n_s, 3)).cumsum(-1)
+    st2 = 0.055 * rng.uniform(0.7, 1.2, (B, n_s, 3))
+    sec = np.empty((B, n_s, 4, 2))
+    sec[:, :, 0] = roots
+    sec[:, :, 1:, 0] = roots[..., :1] + (np.cos(th2) * st2).cumsum(-1)
+    sec[:, :, 1:, 1] = roots[..., 1:] + (np.sin(th2) * st2).cumsum(-1)
+    return prim, sec
+
+
+def _vessels(rng: np.random.Generator, hil_x: np.ndarray, hil_y: np.ndarray, lung_h: np.ndarray):
+    """Vessel trees of both lungs: primaries [16, 7, 2] and secondaries [32, 4, 2].
+
+    ``hil_x``, ``hil_y``, ``lung_h``: per-side [2] hilum position and lung height.
+    """
+    bank_p, bank_s = _vessel_bank()
+    k = rng.integers(0, _VESSEL_BANK_SIZE, 2)
+    scale = np.stack([lung_h * np.array([-1.0, 1.0]), lung_h], -1)[:, None, None, :]  # [2,1,1,2]
+    origin = np.stack([hil_x, hil_y], -1)[:, None, None, :]
+    prim = bank_p[k] * scale + origin
+    sec = bank_s[k] * scale + origin
+    return prim.reshape(-1, prim.shape[2], 2), sec.reshape(-1, sec.shape[2], 2)
 
 
 def cardiothoracic_ratio(anatomy: np.ndarray) -> float:
     """Cardiothoracic ratio measured on an anatomy label map.
 
-    Maximal horizontal width of the heart divided by the maximal horizontal extent of
-    the lungs (outer lung border to outer lung border).
+    Maximal horizontal width of the heart divided by the horizontal extent of the
+    lungs (outer border of the right lung to outer border of the left lung).
     """
     heart_cols = np.flatnonzero((anatomy == _HEART).any(axis=0))
-    lungs = (anatomy == _RLUNG) | (anatomy == _LLUNG)
-    lung_cols = np.flatnonzero(lungs.any(axis=0))
+    lung_cols = np.flatnonzero(((anatomy == _RLUNG) | (anatomy == _LLUNG)).any(axis=0))
     if heart_cols.size == 0 or lung_cols.size == 0:
         return float("nan")
     return float(heart_cols[-1] - heart_cols[0] + 1) / float(lung_cols[-1] - lung_cols[0] + 1)
 
 
-# ------------------------------------------------------------------------- source
+# ------------------------------------------------------------------------ source
 class SyntheticCXR:
     """Random-access source of synthetic PA chest radiographs (see module docstring).
 
     Args:
       split: "pretrain" (normal images) or "labelled" (with findings and their masks).
       image_size: side S of the square images, >= 32.
-      num_examples: length of the source (defaults: 100_000 pretrain, 10_000 labelled).
-      seed: non-negative integer; items are a pure function of (seed, split, index).
+      num_examples: length of the source; defaults to ``DEFAULT_NUM_EXAMPLES[split]``
+        (100_000 pretrain, 10_000 labelled). Items are procedural, so this only
+        defines an epoch.
+      seed: non-negative integer; item i is a pure function of (seed, split, i, S).
     """
 
     def __init__(self, split: str = "pretrain", image_size: int = 224,
@@ -460,8 +629,8 @@ class SyntheticCXR:
             raise ValueError(f"image_size must be >= 32, got {image_size}")
         if num_examples is None:
             num_examples = DEFAULT_NUM_EXAMPLES[split]
-        if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) \
-                or num_examples < 1:
+        if (isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer))
+                or num_examples < 1):
             raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -471,13 +640,13 @@ class SyntheticCXR:
         self.seed = int(seed)
         self._cache: dict[str, Any] | None = None
 
-    # pickling: drop the lazily built caches
-    def __getstate__(self):
+    # Pickling: the lazily built per-size cache is dropped and rebuilt on demand.
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = None
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
@@ -498,15 +667,19 @@ class SyntheticCXR:
     def _get_cache(self) -> dict[str, Any]:
         if self._cache is None:
             S = self.image_size
-            lo = max(16, S // 4)
+            lo = max(16, S // 8)
+            # Fixed noise texture (independent of seed), cropped at a random offset per
+            # item: much cheaper than drawing S*S normals per item.
             noise = np.random.default_rng(0x5C7A).standard_normal((2 * S, 2 * S), np.float32)
             noise = cv2.GaussianBlur(noise, (3, 3), 0.45)
             noise *= np.float32(1.0 / noise.std())
             self._cache = {
                 "lo": lo,
-                "ylo": ((np.arange(lo, dtype=np.float32) + 0.5) / lo)[:, None],
-                "yhi": ((np.arange(S, dtype=np.float32) + 0.5) / S - 0.5)[:, None],
+                "ylo": ((np.arange(lo, dtype=np.float64) + 0.5) / lo)[:, None],
                 "noise": noise,
+                "ones": np.ones((S, S), np.float32),
+                "ribs_const": np.full((S, S), _RIBS, np.uint8),
+                "t_band": np.linspace(0.0, 1.0, 8 if S <= 256 else 14),
             }
         return self._cache
 
@@ -527,327 +700,254 @@ class SyntheticCXR:
         return out
 
 
-# ------------------------------------------------------------------------ rendering
+# --------------------------------------------------------------------- rendering
 def _render(p, findings, rng, S, cache) -> dict[str, np.ndarray]:
     geo = _Geo(p, S)
     lo = cache["lo"]
-    px_per = geo.length(1.0)        # pixels per normalised unit
+    pp = geo.length(1.0)                       # pixels per normalised unit
     labelled = findings is not None
     has = (lambda f: bool(findings[f])) if labelled else (lambda f: False)
 
+    # ------------------------------------------------------------ geometry
     ctr = rng.uniform(0.56, 0.68) if has(_CARDIO) else None
-    heart, (hcx, hcy) = _heart_outline(p, ctr)
+    heart, heart_yc = _heart_outline(p, ctr)
     lungs = [_lung_outline(p, 0), _lung_outline(p, 1)]
-    med = _mediastinum_outline(p, hcy)
+    med = _mediastinum_outline(p, heart_yc)
     body = _body_outline(p, with_arms=True)
     abdomen = _abdomen_outline(p)
-
-    # ---- tissue partition
-    tissue = np.zeros((S, S), np.uint8)
-    _fill(tissue, [geo.px(body)], _SOFT)
-    abd_px = geo.px(abdomen)
-    _fill(tissue, [abd_px], _ABD)
+    body_px, abd_px, med_px, heart_px = (geo.px(a) for a in (body, abdomen, med, heart))
     lung_px = [geo.px(l) for l in lungs]
-    _fill(tissue, [lung_px[0]], _RLUNG)
-    _fill(tissue, [lung_px[1]], _LLUNG)
-    med_px = geo.px(med)
-    heart_px = geo.px(heart)
+    carina = p["carina"]
+    trachea_px = geo.px(_sp(np.array([0.0, -0.004, 0.0, 0.0]),
+                            np.array([-0.1, 0.15, carina - 0.06, carina]), 1.0))
+    bronchi_px = [geo.px(_sp(np.array([0.0, 0.04, 0.075]),
+                             np.array([carina, carina + 0.035, carina + 0.075]), -1.0)),
+                  geo.px(_sp(np.array([0.0, 0.05, 0.095]),
+                             np.array([carina, carina + 0.03, carina + 0.085]), 1.0))]
+
+    # ------------------------------------------------------------ tissue map
+    tissue = np.zeros((S, S), np.uint8)
+    _fill(tissue, [body_px], _SOFT)
+    _fill(tissue, [abd_px], _ABD)
+    if p["bubble"]:
+        dpk = p["d_peak"][1] + 0.02
+        c = geo.px(np.array([[0.5 + dpk, float(_dome_y(p, 1, dpk)) + 0.045]]))[0]
+        ax = (int(geo.length(0.06) * _ONE), int(geo.length(0.03) * _ONE))
+        cv2.ellipse(tissue, (int(c[0]), int(c[1])), ax, math.degrees(p["rot"]), 180, 360,
+                    _T_BUBBLE, -1, cv2.LINE_8, _SHIFT)
+    ptx_side, pleural_px = None, None
+    if has(_PTX):
+        ptx_side, inner, pleural = _pneumothorax_geometry(p, rng, lungs)
+        pleural_px = geo.px(pleural) if pleural is not None else None
+    for i in (0, 1):
+        if i == ptx_side:
+            _fill(tissue, [lung_px[i]], _T_PTX[i])
+            _fill(tissue, [geo.px(inner)], (_RLUNG, _LLUNG)[i])
+        else:
+            _fill(tissue, [lung_px[i]], (_RLUNG, _LLUNG)[i])
     _fill(tissue, [med_px], _MED)
     _fill(tissue, [heart_px], _HEART)
-    # keep the abdomen outside the body as background
-    bodymask = np.zeros((S, S), np.uint8)
-    _fill(bodymask, [geo.px(body)], 1)
-    tissue *= bodymask
+    _lines(tissue, [trachea_px], _TRACHEA, geo.length(0.032))
+    _lines(tissue, bronchi_px, _TRACHEA, geo.length(0.02))
 
-    carina = p["carina"]
-    trachea_c = _side_pts(np.array([0.0, 0.004, 0.0, 0.0]),
-                          np.array([-0.1, 0.15, carina - 0.06, carina]), -1.0)
-    bron_r = _side_pts(np.array([0.0, 0.04, 0.075]), np.array([carina, carina + 0.035, carina + 0.075]), -1.0)
-    bron_l = _side_pts(np.array([0.0, 0.05, 0.095]), np.array([carina, carina + 0.03, carina + 0.085]), 1.0)
-    tr_px = geo.px(trachea_c)
-    br_px = [geo.px(bron_r), geo.px(bron_l)]
-    _lines(tissue, [tr_px], _TRACHEA, 0.032 * px_per)
-    _lines(tissue, br_px, _TRACHEA, 0.02 * px_per)
+    # ------------------------------------------------------------ bones
+    t_band = cache["t_band"]
+    post_c, post_hw, ant_c, ant_hw = _ribs(p, t_band.size)
+    clav_c = _sp(0.02 + 0.31 * t_band,
+                 p["y_clav"] + (p["clav_lat"] - p["y_clav"]) * t_band
+                 + 0.014 * np.sin(2 * np.pi * t_band), _SIDES3[:, :, 0])
+    clav_hw = np.broadcast_to(0.0115 * (1.25 - 0.35 * t_band), (2, t_band.size))
+    # all bands (20 posterior ribs, 14 anterior ribs, 2 clavicles) at once: outer + inner
+    centers = np.concatenate([post_c, ant_c, clav_c])
+    hws = np.concatenate([post_hw, ant_hw, clav_hw])
+    outer, inner = (geo.px(b) for b in _band(centers, (hws, 0.45 * hws)))
+    post_out, post_in = outer[:20], inner[:20]
+    ant_out = outer[20:34]
+    clav_out, clav_in = outer[34:], inner[34:]
+    column_px = geo.px(_sp(np.array([-0.031, -0.058, 0.058, 0.031]),
+                           np.array([-0.1, 1.2, 1.2, -0.1]), 1.0))
+    hd, hy = p["hum_d"], p["hum_y"]
+    scap = _sp(np.array([hd - 0.05, hd - 0.16, hd - 0.15, hd - 0.1, hd - 0.045]),
+               np.array([hy - 0.03, hy - 0.055, hy + 0.06, hy + 0.24, hy + 0.05]), _SIDES3[:, :, 0])
+    hum_d = np.concatenate([hd + 0.012 + 0.05 * np.cos(_HUM_TH),
+                            [hd + 0.06, hd + 0.068, hd + 0.028, hd - 0.004]])
+    hum_y = np.concatenate([hy - 0.05 * np.sin(_HUM_TH), [hy + 0.04, hy + 0.1, hy + 0.1, hy + 0.04]])
+    hum_px = geo.px(_sp(hum_d, hum_y, _SIDES3[:, :, 0]))
 
-    # ---- bones
-    bone = np.zeros((S, S), np.uint8)
+    add = np.zeros((S, S), np.uint8)          # additive density layer
+    _fill(add, geo.px(scap), _V_SCAPULA)
+    _fill(add, post_out, _V_RIB)
+    _fill(add, post_in, _V_RIB_IN)
+    rib_mask = cv2.inRange(add, _V_RIB_IN, 255)
     ant = np.zeros((S, S), np.uint8)
-    post_polys, ant_polys, post_inner, ant_inner = [], [], [], []
-    for i in (0, 1):
-        post, hwp, antc, hwa = _ribs(p, i)
-        post_polys += list(geo.px(_band(post, hwp)))
-        post_inner += list(geo.px(_band(post, hwp * 0.45)))
-        ant_polys += list(geo.px(_band(antc, hwa)))
-        ant_inner += list(geo.px(_band(antc, hwa * 0.4)))
-    # scapulae (faint)
-    scap = []
-    for s in (-1.0, 1.0):
-        hd, hy = p["hum_d"], p["hum_y"]
-        scap.append(geo.px(_side_pts(np.array([hd - 0.05, hd - 0.16, hd - 0.15, hd - 0.1, hd - 0.045]),
-                                     np.array([hy - 0.03, hy - 0.055, hy + 0.06, hy + 0.24, hy + 0.05]), s)))
-    _fill(bone, scap, 45)
-    _fill(bone, post_polys, 255)
-    _fill(bone, post_inner, 200)
-    _fill(ant, ant_polys, 255)
-    _fill(ant, ant_inner, 185)
+    _fill(ant, ant_out, _V_ANT)
+    cv2.bitwise_or(rib_mask, cv2.inRange(ant, 1, 255), dst=rib_mask)
+    cv2.add(add, ant, dst=add)
+    verts, peds = _spine(p)
+    _fill(add, column_px, _V_COLUMN)
+    _fill(add, geo.px(verts), _V_VERT)
+    if S >= 128:                                # sub-pixel details skipped at small sizes
+        _lines(add, geo.px(peds), _V_PED, geo.length(0.004), closed=True)
+    _fill(add, clav_out, _V_CLAV)
+    _fill(add, clav_in, _V_CLAV_IN)
+    _fill(add, hum_px, _V_HUM)
 
-    # spine
-    y = -0.03
-    verts, peds, spinous, discs = [], [], [], []
-    j = 0
-    while y < 1.15:
-        h = (0.033 + 0.0021 * j) * (0.85 + 0.25 * (p["y_peak"][0] - 0.59) / 0.11 + 0.1)
-        hw = 0.029 + 0.0011 * j
-        g = 0.18 * h
-        y1, y2 = y + g / 2, y + h - g / 2
-        verts.append(_side_pts(np.array([-hw, -hw * 0.93, -hw, hw, hw * 0.93, hw]),
-                               np.array([y1, 0.5 * (y1 + y2), y2, y2, 0.5 * (y1 + y2), y1]), 1.0))
-        for s in (-1.0, 1.0):
-            th = np.linspace(0, 2 * np.pi, 10, endpoint=False)
-            peds.append(_side_pts(0.6 * hw + 0.22 * hw * np.cos(th), y1 + 0.32 * h + 0.24 * h * np.sin(th), s))
-        spinous.append(_side_pts(np.array([0.0, 0.2 * hw, 0.0, -0.2 * hw]),
-                                 np.array([y1 + 0.45 * h, y1 + 0.7 * h, y2 + 0.2 * h, y1 + 0.7 * h]), 1.0))
-        y += h
-        j += 1
-    col_d = np.array([0.031, 0.031 + 0.0011 * 25])
-    column = _side_pts(np.array([-col_d[0], -col_d[1], col_d[1], col_d[0]]),
-                       np.array([-0.1, 1.2, 1.2, -0.1]), 1.0)
-    col_px = geo.px(column)
-    _fill(bone, [col_px], 70)
-    _fill(bone, [geo.px(v) for v in verts], 100)
-    cv2.polylines(bone, [geo.px(v) for v in peds], True, 150, max(1, int(round(0.004 * px_per))),
-                  cv2.LINE_8, _SHIFT)
-    _fill(bone, [geo.px(v) for v in spinous], 125)
+    # vessels: drawn at half resolution (cheap thin lines, soft when upsampled), kept
+    # inside the aerated lungs only
+    Sv = S // 2 if S >= 128 else S
+    vess_v = np.zeros((Sv, Sv), np.uint8)
+    lung_h = np.array([p["y_peak"][0] - p["y_apex"], p["y_peak"][1] - p["y_apex"]])
+    hil_x = np.array([0.5 - 0.105, 0.5 + 0.11])
+    hil_y = p["y_apex"] + np.array([0.5, 0.46]) * lung_h
+    prim, sec = _vessels(rng, hil_x, hil_y, lung_h)
+    sd = np.array([-1.0, 1.0])[:, None]
+    hila = np.stack([hil_x[:, None] + sd * np.array([[-0.02, 0.01, 0.025]]),
+                     hil_y[:, None] + np.array([[-0.045, -0.01, 0.05]])], -1)
+    v_thin1, v_thin2, v_med, v_thick, v_hila = geo.px_many(
+        [prim[:, 4:], sec, prim[:, 2:5], prim[:, 0:3], hila], Sv)
+    for arrs, value, thick in (((v_thin1, v_thin2), _V_VESSEL[0], 0.0045), ((v_med,), _V_VESSEL[1], 0.007),
+                               ((v_thick,), _V_VESSEL[2], 0.011), ((v_hila,), _V_VESSEL[3], 0.026)):
+        for arr in arrs:
+            _lines(vess_v, arr, value, geo.length(thick, Sv))
+    if Sv == S:
+        vess = vess_v
+    elif 2 * Sv == S:
+        vess = cv2.pyrUp(vess_v)
+    else:
+        vess = cv2.resize(vess_v, (S, S), interpolation=cv2.INTER_LINEAR)
+    lung_mask = cv2.inRange(tissue, _RLUNG, _LLUNG)       # aerated lung (not pneumothorax)
 
-    # clavicles
-    clav_polys, clav_inner = [], []
-    t = np.linspace(0.0, 1.0, 14)
-    for s in (-1.0, 1.0):
-        d = 0.02 + (0.33 - 0.02) * t
-        yc = p["y_clav"] + (p["clav_lat"] - p["y_clav"]) * t + 0.014 * np.sin(2 * np.pi * t)
-        c = _side_pts(d, yc, s)
-        hwc = 0.0115 * (1.25 - 0.35 * t)
-        clav_polys.append(geo.px(_band(c, hwc)))
-        clav_inner.append(geo.px(_band(c, hwc * 0.45)))
-    _fill(bone, clav_polys, 235)
-    _fill(bone, clav_inner, 195)
+    # ------------------------------------------------------------ anatomy labels
+    anatomy = cv2.LUT(tissue, _TISSUE_TO_ANATOMY)
+    cv2.copyTo(cache["ribs_const"], rib_mask, anatomy)
+    _fill(anatomy, med_px, _MED)
+    _fill(anatomy, column_px, _SPINE)
+    _fill(anatomy, heart_px, _HEART)
+    _lines(anatomy, trachea_px, _TRACHEA, geo.length(0.032))
+    _lines(anatomy, bronchi_px, _TRACHEA, geo.length(0.02))
+    _fill(anatomy, clav_out, _CLAV)
+    _fill(anatomy, hum_px, _HUM)
+    cv2.bitwise_and(anatomy, cv2.inRange(tissue, 1, 255), dst=anatomy)   # nothing outside the body
 
-    # humeri
-    hum_polys = []
-    for s in (-1.0, 1.0):
-        hd, hy = p["hum_d"], p["hum_y"]
-        th = np.linspace(-0.35 * np.pi, 1.35 * np.pi, 24)
-        r = 0.052
-        head = _side_pts(hd + 0.012 + r * np.cos(th), hy + r * np.sin(-th), s)
-        y_end = hy + 0.1
-        shaft = _side_pts(np.array([hd + 0.058, hd + 0.075, hd + 0.04, hd + 0.0]),
-                          np.array([hy + 0.05, y_end, y_end, hy + 0.05]), s)
-        hum_polys.append(geo.px(np.concatenate([head, shaft[:2], shaft[2:]])))
-    for hp in hum_polys:
-        _fill(bone, [hp], 225)
-
-    # ---- anatomy label map (paint order = priority)
-    anatomy = tissue.copy()
-    _fill(anatomy, post_polys, _RIBS)
-    _fill(anatomy, ant_polys, _RIBS)
-    # restore mediastinum/heart/trachea over ribs, then the rest
-    _fill(anatomy, [med_px], _MED)
-    _fill(anatomy, [heart_px], _HEART)
-    _fill(anatomy, [col_px], _SPINE)
-    _fill(anatomy, [heart_px], _HEART)
-    _lines(anatomy, [tr_px], _TRACHEA, 0.032 * px_per)
-    _lines(anatomy, br_px, _TRACHEA, 0.02 * px_per)
-    _fill(anatomy, clav_polys, _CLAV)
-    for hp in hum_polys:
-        _fill(anatomy, [hp], _HUM)
-    anatomy *= bodymask
-
-    # ---- low-resolution smooth fields
-    lo_body = np.zeros((lo, lo), np.float32)
-    _fill(lo_body, [geo.px(_body_outline(p, with_arms=False), lo)], 1.0)
-    lo_body = _blur(lo_body, 0.075 * lo)
-    lo_abd = np.zeros((lo, lo), np.float32)
-    _fill(lo_abd, [geo.px(abdomen, lo)], 1.0)
-    lo_body += _blur(lo_abd, 0.03 * lo) * 0.6
-    lo_lung = np.zeros((lo, lo), np.float32)
-    _fill(lo_lung, [geo.px(lungs[0], lo)], 1.0)
-    _fill(lo_lung, [geo.px(lungs[1], lo)], 1.0)
-    lo_lung = _blur(lo_lung, 0.035 * lo)
+    # ------------------------------------------------------------ smooth low-res field
     ylo = cache["ylo"]
-    ymid = p["y_apex"] + 0.45 * (p["y_peak"][0] - p["y_apex"])
-    zone = 1.0 - 0.3 * np.clip((ylo - ymid) / (p["y_peak"][0] - ymid), 0.0, 1.0)
-    zone -= 0.2 * np.clip((p["y_apex"] + 0.12 - ylo) / 0.12, 0.0, 1.0)
-    lo_dark = (0.15 + 0.26 * lo_lung) * zone
-    soft = lo_body * 0.25
+    torso_lo = np.zeros((lo, lo), np.float32)
+    _fill(torso_lo, [geo.px(_body_outline(p, with_arms=False), lo)], 1.0)
+    prof = _clip01(1.6 * _blur(torso_lo, 0.075 * lo) - 0.75)
+    abd_lo = np.zeros((lo, lo), np.float32)
+    _fill(abd_lo, [geo.px(abdomen, lo)], 1.0)
+    lung_lo = np.zeros((lo, lo), np.float32)
+    _fill(lung_lo, [geo.px(lungs[0], lo), geo.px(lungs[1], lo)], 1.0)
+    lung_b = _blur(lung_lo, 0.035 * lo)
+    interior = _clip01(2.0 * lung_b - 1.0)      # 0 at the lung border, ~1 inside
+    y_mid = p["y_apex"] + 0.45 * (p["y_peak"][0] - p["y_apex"])
+    zone = (1.0 - p["zone"] * _clip01((ylo - y_mid) / (p["y_peak"][0] - y_mid))
+            - 0.2 * _clip01((p["y_apex"] + 0.12 - ylo) / 0.12))
+    F = prof * (0.25 + p["heel"] * (ylo - 0.5))
+    F += 0.15 * _blur(abd_lo, 0.03 * lo)
+    F -= 0.22 * interior * zone
     if p["breast"]:
         br = np.zeros((lo, lo), np.float32)
         for s in (-1.0, 1.0):
-            cx, cy = 0.5 + s * 0.24, p["breast_y"]
-            c = geo.px(np.array([[cx, cy]]), lo)[0]
-            ax = (int(0.2 * lo * _ONE), int(0.13 * lo * _ONE))
+            c = geo.px(np.array([[0.5 + s * 0.24, p["breast_y"]]]), lo)[0]
+            ax = (int(geo.length(0.2, lo) * _ONE), int(geo.length(0.13, lo) * _ONE))
             cv2.ellipse(br, (int(c[0]), int(c[1])), ax, math.degrees(p["rot"]), 0, 360, 1.0, -1,
                         cv2.LINE_8, _SHIFT)
-        soft += _blur(br, 0.02 * lo) * 0.07
-    up = lambda a: cv2.resize(a, (S, S), interpolation=cv2.INTER_LINEAR)
-    soft_up = up(soft)
-    dark_up = up(lo_dark)
-    lung_up = up(lo_lung)
+        F += 0.07 * _blur(br, 0.02 * lo)
+    F = F.astype(np.float32)
 
-    lm = cv2.LUT(tissue, _LUNG_LUT)
-    bm = cv2.LUT(tissue, _BODY_LUT)
-    D = cv2.LUT(tissue, _TISSUE_DENSITY)
-    D += soft_up * bm
-
-    # ---- vessels
-    vess = np.zeros((S, S), np.uint8)
-    vrng = np.random.default_rng(p["vessel_seed"])
-    thick, med_, thin, hila = [], [], [], []
-    for i in (0, 1):
-        s = -1.0 if i == 0 else 1.0
-        lung_h = p["y_peak"][i] - p["y_apex"]
-        hil = (0.105 if i == 0 else 0.11, p["y_apex"] + (0.5 if i == 0 else 0.46) * lung_h)
-        prim, sec = _vessels(p, vrng, i, hil, lung_h)
-        ppx = geo.px(prim)
-        thick += list(ppx[:, 0:3])
-        med_ += list(ppx[:, 2:5])
-        thin += list(ppx[:, 4:])
-        thin += list(geo.px(sec))
-        hx, hy = 0.5 + s * hil[0], hil[1]
-        hila.append(geo.px(np.array([[hx - s * 0.02, hy - 0.045], [hx + s * 0.01, hy - 0.01],
-                                     [hx + s * 0.025, hy + 0.05]])))
-    _lines(vess, thin, 110, 0.0045 * px_per)
-    _lines(vess, med_, 170, 0.007 * px_per)
-    _lines(vess, thick, 220, 0.011 * px_per)
-    _lines(vess, hila, 255, 0.026 * px_per)
-
-    finding_masks = None
-    boxes = None
-    opac = None
-    ptx = None
-    pleural = None
+    # ------------------------------------------------------------ findings
+    extra = None
+    out_findings: dict[str, np.ndarray] = {}
     if labelled:
-        finding_masks = np.zeros((S, S), np.uint8)
-        boxes = np.zeros((len(FINDING_NAMES), 4), np.float32)
+        extra = np.zeros((S, S), np.float32)
+        ctx = dict(geo=geo, tissue=tissue, lungs=lungs, extra=extra)
         masks: dict[int, np.ndarray] = {}
-        opac = np.zeros((S, S), np.float32)
-        geoms = dict(lungs=lungs, lung_up=lung_up, tissue=tissue, geo=geo, px_per=px_per,
-                     lo=lo, cache=cache, extra=D)
         if has(_NODULE):
-            masks[_NODULE] = _nodules(p, rng, opac, geoms)
+            masks[_NODULE] = _nodules(p, rng, ctx)
         if has(_CONSOL):
-            masks[_CONSOL] = _consolidation(p, rng, opac, geoms)
+            masks[_CONSOL] = _consolidation(p, rng, ctx)
         if has(_EFFUSION):
-            masks[_EFFUSION] = _effusion(p, rng, opac, geoms)
-        if has(_PTX):
-            ptx, pleural, ptx_lung_i = _pneumothorax(p, rng, geoms)
-            masks[_PTX] = ptx
+            masks[_EFFUSION] = _effusion(p, rng, ctx)
         if has(_CARDIO):
-            masks[_CARDIO] = (tissue == _HEART).view(np.uint8)
+            masks[_CARDIO] = cv2.inRange(tissue, _HEART, _HEART)
+        if has(_PTX):
+            masks[_PTX] = cv2.inRange(tissue, _T_PTX[ptx_side], _T_PTX[ptx_side])
+        fm = np.zeros((S, S), np.uint8)
+        boxes = np.zeros((len(FINDING_NAMES), 4), np.float32)
         for f, m in masks.items():
-            if not m.any():
+            if not cv2.countNonZero(m):         # (cannot happen in practice; keep consistent)
                 findings[f] = 0
                 continue
-            finding_masks |= m.astype(bool).view(np.uint8) << np.uint8(f)
-            boxes[f] = cv2.boundingRect(m.astype(np.uint8))
-        np.clip(opac, 0.0, 1.0, out=opac)
+            fm |= (m & np.uint8(1 << f))
+            boxes[f] = cv2.boundingRect(m)
+            if f in (_NODULE, _CONSOL, _EFFUSION):  # opacities hide the vessels
+                cv2.bitwise_and(vess, cv2.bitwise_not(m), dst=vess)
+        out_findings = {"findings": findings.astype(np.uint8), "finding_masks": fm, "boxes": boxes}
 
-    # ---- lung darkening, vessels, findings
-    lung_term = lm * dark_up
-    vterm = cv2.LUT(vess, _VESSEL_LUT)
-    vterm *= lm
-    vterm *= lung_up
-    if opac is not None:
-        keep = 1.0 - opac
-        lung_term *= keep
-        vterm *= keep
-    if ptx is not None:
-        ptxf = ptx.astype(np.float32)
-        vterm *= 1.0 - ptxf
-        lung_term += ptxf * (0.16 * lm)
-        lung_term *= 1.0 - 0.25 * (ptx_lung_i & ~ptx).astype(np.float32)  # collapsed lung: denser
-        D += cv2.LUT(pleural, _u8_lut(0.22))
-    D -= lung_term
-    D += vterm
-    bterm = cv2.LUT(bone, _BONE_LUT)
-    bterm *= cv2.LUT(tissue, _BONE_VIS_LUT)
-    D += bterm
-    D += cv2.LUT(ant, _ANT_LUT)
+    cv2.bitwise_and(vess, lung_mask, dst=vess)
+    cv2.add(add, vess, dst=add)
+    if pleural_px is not None:
+        _lines(add, [pleural_px], 255, max(1.0, geo.length(0.0035)))
+    cv2.multiply(add, cv2.LUT(tissue, _VIS_LUT), dst=add, scale=1.0 / 255.0)
 
-    # gastric bubble under the left dome
-    if p["bubble"]:
-        gb = np.zeros((S, S), np.uint8)
-        dpk = p["d_peak"][1] + 0.02
-        yb = float(_dome_y(p, 1, dpk)) + 0.045
-        c = geo.pxf(np.array([[0.5 + dpk, yb]]))[0]
-        ax = (int(0.06 * px_per * _ONE), int(0.03 * px_per * _ONE))
-        cv2.ellipse(gb, (int(c[0] * _ONE), int(c[1] * _ONE)), ax, math.degrees(p["rot"]), 180, 360, 255, -1,
-                    cv2.LINE_8, _SHIFT)
-        D -= cv2.LUT(gb, _u8_lut(0.12))
-
-    # ---- film: blur, heel effect, exposure, noise
+    # ------------------------------------------------------------ density -> film
+    D = cv2.LUT(tissue, _BASE_LUT)
+    D += cv2.LUT(add, _ADD_LUT)
+    D += cv2.resize(F, (S, S), interpolation=cv2.INTER_LINEAR)
+    if extra is not None:
+        D += extra
     D = _blur(D, p["blur"] * S / 224.0)
-    D *= np.float32(p["gain"]) * (1.0 + np.float32(p["heel"]) * cache["yhi"])
-    D += np.float32(p["offset"])
+    # signal-dependent noise: D_true + sigma * n * (D_true + _D0) = D * (1 + sigma * n)
     nz = cache["noise"]
     ox, oy = p["noise_off"][0] % S, p["noise_off"][1] % S
-    noise = nz[oy:oy + S, ox:ox + S]
-    D += noise * (np.float32(p["noise"]) * (0.25 + D))
-    img8 = cv2.convertScaleAbs(D, alpha=255.0 / _FILM_MAX)
+    D *= cv2.scaleAdd(nz[oy:oy + S, ox:ox + S], p["noise"], cache["ones"])
+    a = p["gain"] * 255.0 / _FILM_MAX
+    img8 = cv2.convertScaleAbs(D, alpha=a, beta=(p["offset"] - _D0 * p["gain"]) * 255.0 / _FILM_MAX)
     image = cv2.LUT(img8, _film_lut(p["knee"], p["gamma"]))
 
     out = {"image": image, "anatomy": anatomy}
-    if labelled:
-        out["findings"] = findings.astype(np.uint8)
-        out["finding_masks"] = finding_masks
-        out["boxes"] = boxes
+    out.update(out_findings)
     return out
 
 
-# ----------------------------------------------------------------------- findings
-def _lung_side_mask(tissue, i):
-    return (tissue == (_RLUNG if i == 0 else _LLUNG))
+# ---------------------------------------------------------------------- findings
+_PROBES = np.concatenate([[[0.0, 0.0]], np.stack([np.cos(_CIRC16[::2]), np.sin(_CIRC16[::2])], -1)])
 
 
-def _pick_in_lung(rng, g, i, d_range, y_frac, margin=0.5):
-    """Pick a point (normalised image coords) inside lung i away from its borders."""
-    p_lungs = g["lungs"][i]
-    y_top, y_bot = p_lungs[:, 1].min(), p_lungs[:, 1].max()
-    s = -1.0 if i == 0 else 1.0
-    lung_up, tissue, geo = g["lung_up"], g["tissue"], g["geo"]
+def _pick_in_lung(rng, ctx, i, d_range, y_frac, radius):
+    """A point (normalised image coords) inside lung i with a disc of ``radius`` around it
+    also inside the (aerated) lung; the best of 24 random candidates."""
+    outline = ctx["lungs"][i]
+    y_top, y_bot = outline[:, 1].min(), outline[:, 1].max()
+    tissue, geo = ctx["tissue"], ctx["geo"]
     S = tissue.shape[0]
-    want = _RLUNG if i == 0 else _LLUNG
     n = 24
-    d = rng.uniform(d_range[0], d_range[1], n)
-    y = y_top + (y_bot - y_top) * rng.uniform(y_frac[0], y_frac[1], n)
-    pts = _side_pts(d, y, s)
-    q = np.clip(np.round(geo.pxf(pts)).astype(int), 0, S - 1)
-    ok = (tissue[q[:, 1], q[:, 0]] == want) & (lung_up[q[:, 1], q[:, 0]] > margin)
-    k = int(np.argmax(ok)) if ok.any() else 0
-    return pts[k], bool(ok.any())
+    pts = _sp(rng.uniform(d_range[0], d_range[1], n),
+              y_top + (y_bot - y_top) * rng.uniform(y_frac[0], y_frac[1], n), -1.0 if i == 0 else 1.0)
+    probes = pts[:, None, :] + radius * _PROBES[None]                 # [n, 9, 2]
+    q = np.clip(np.rint(geo.pxf(probes)).astype(np.intp), 0, S - 1)
+    inside = (tissue[q[..., 1], q[..., 0]] == (_RLUNG, _LLUNG)[i]).sum(1)
+    return pts[int(np.argmax(inside))]
 
 
-def _nodules(p, rng, opac, g):
-    S = opac.shape[0]
-    geo, px_per = g["geo"], g["px_per"]
+def _nodules(p, rng, ctx) -> np.ndarray:
+    geo, extra = ctx["geo"], ctx["extra"]
+    S = extra.shape[0]
     layer = np.zeros((S, S), np.uint8)
-    core = np.zeros((S, S), np.uint8)
     for _ in range(int(rng.integers(1, 4))):
         i = int(rng.integers(0, 2))
-        c, _ = _pick_in_lung(rng, g, i, (0.12, 0.36), (0.15, 0.85), margin=0.6)
         r = rng.uniform(0.014, 0.03)
-        th = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+        c = _pick_in_lung(rng, ctx, i, (0.12, 0.34), (0.15, 0.85), radius=r + 0.015)
         rr = r * (1.0 + rng.uniform(-0.07, 0.07, 16))
-        poly = c + np.stack([rr * np.cos(th), rr * np.sin(th)], -1)
-        _fill(layer, [geo.px(poly)], 255)
-        _fill(core, [geo.px(c + (poly - c) * 0.55)], 255)
-        if r * px_per < 1.0:
-            q = np.clip(np.round(geo.pxf(c[None])).astype(int), 0, S - 1)[0]
-            layer[q[1], q[0]] = 255
-    amp = rng.uniform(0.7, 1.0)
-    opac += cv2.LUT(layer, _u8_lut(amp * 0.8))
-    opac += cv2.LUT(core, _u8_lut(amp * 0.2))
-    g["extra"] += cv2.LUT(layer, _u8_lut(0.05 * amp))
-    return layer > 0
+        poly = c + np.stack([rr * np.cos(_CIRC16), rr * np.sin(_CIRC16)], -1)
+        _fill(layer, [geo.px(poly)], 200)
+        _fill(layer, [geo.px(c + (poly - c) * 0.55)], 255)
+        q = np.clip(np.rint(geo.pxf(c[None])).astype(int), 0, S - 1)[0]
+        layer[q[1], q[0]] = 255                 # at least one pixel at tiny sizes
+    amp = rng.uniform(0.75, 1.05)
+    extra += cv2.LUT(layer, _u8_to_f32(0.36 * amp))
+    return cv2.inRange(layer, 1, 255)
 
 
 def _smooth_noise(rng, S, cells):
@@ -855,103 +955,90 @@ def _smooth_noise(rng, S, cells):
     return cv2.resize(n, (S, S), interpolation=cv2.INTER_CUBIC)
 
 
-def _consolidation(p, rng, opac, g):
-    S = opac.shape[0]
-    geo, px_per, tissue = g["geo"], g["px_per"], g["tissue"]
+def _consolidation(p, rng, ctx) -> np.ndarray:
+    geo, tissue, extra = ctx["geo"], ctx["tissue"], ctx["extra"]
+    S = extra.shape[0]
+    pp = geo.length(1.0)
     i = int(rng.integers(0, 2))
-    zone = rng.choice(3, p=[0.2, 0.3, 0.5])
-    y_frac = [(0.18, 0.35), (0.4, 0.6), (0.62, 0.8)][zone]
-    c, _ = _pick_in_lung(rng, g, i, (0.14, 0.3), y_frac, margin=0.55)
+    s = -1.0 if i == 0 else 1.0
+    zone = int(rng.choice(3, p=[0.2, 0.3, 0.5]))
+    y_frac = ((0.18, 0.35), (0.4, 0.6), (0.62, 0.8))[zone]
+    c = _pick_in_lung(rng, ctx, i, (0.14, 0.3), y_frac, radius=0.04)
     blob = np.zeros((S, S), np.uint8)
     for _ in range(int(rng.integers(3, 7))):
-        off = rng.normal(0, 0.045, 2)
-        ax = rng.uniform(0.035, 0.08, 2)
-        q = geo.pxf((c + off)[None])[0]
+        q = geo.pxf((c + rng.normal(0, 0.045, 2))[None])[0]
+        ax = rng.uniform(0.035, 0.08, 2) * pp
         cv2.ellipse(blob, (int(q[0] * _ONE), int(q[1] * _ONE)),
-                    (int(ax[0] * px_per * _ONE), int(ax[1] * px_per * _ONE)),
+                    (int(ax[0] * _ONE), int(ax[1] * _ONE)),
                     float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_8, _SHIFT)
-    field = _blur(cv2.LUT(blob, _u8_lut(1.0)), 0.02 * px_per)
+    field = _blur(cv2.LUT(blob, _u8_to_f32(1.0)), 0.02 * pp)
     field += 0.35 * _smooth_noise(rng, S, 10)
-    lung_i = _lung_side_mask(tissue, i)
-    region = (field > 0.55) & lung_i
-    if not region.any():  # guarantee a visible patch at tiny sizes
-        q = np.clip(np.round(geo.pxf(c[None])).astype(int), 0, S - 1)[0]
-        region[max(0, q[1] - 1):q[1] + 2, max(0, q[0] - 1):q[0] + 2] = True
-        region &= lung_i
-    tex = np.clip(0.62 + 0.22 * _smooth_noise(rng, S, max(8, S // 7)) + 0.25 * (field - 0.55), 0.15, 0.95)
+    lung_i = cv2.inRange(tissue, (_RLUNG, _LLUNG)[i], (_RLUNG, _LLUNG)[i])
+    region = cv2.bitwise_and(cv2.inRange(field, 0.55, 1e9), lung_i)
+    q = np.clip(np.rint(geo.pxf(c[None])).astype(int), 0, S - 1)[0]
+    if not cv2.countNonZero(region):            # guarantee a visible patch at tiny sizes
+        region[max(0, q[1] - 1):q[1] + 2, max(0, q[0] - 1):q[0] + 2] = 255
+        cv2.bitwise_and(region, lung_i, dst=region)
+        if not cv2.countNonZero(region):
+            region[q[1], q[0]] = 255
+    tex = 0.62 + 0.22 * _smooth_noise(rng, S, max(8, S // 7)) + 0.25 * (field - 0.55)
     # air bronchograms: dark branching tubes within the opacity
-    br = np.zeros((S, S), np.uint8)
-    s = -1.0 if i == 0 else 1.0
     lines = []
     for _ in range(int(rng.integers(2, 4))):
-        a0 = math.atan2(1.0, 1.0) * rng.uniform(-1.2, 1.6)
+        a0 = rng.uniform(-0.9, 1.25)
         seg = rng.uniform(0.025, 0.04, 4)
         ang = a0 + rng.normal(0, 0.25, 4).cumsum()
         start = c + rng.normal(0, 0.02, 2) - np.array([s * 0.04, 0.0])
-        pts = np.concatenate([start[None], start + np.stack([s * np.cos(ang) * seg, np.sin(ang) * seg], -1).cumsum(0)])
-        lines.append(geo.px(pts))
-    _lines(br, lines, 255, 0.006 * px_per)
-    tex -= cv2.LUT(br, _u8_lut(0.45))
-    regf = _blur(region.astype(np.float32), 0.004 * px_per)
-    opac += regf * tex
+        steps = np.stack([s * np.cos(ang) * seg, np.sin(ang) * seg], -1).cumsum(0)
+        lines.append(geo.px(np.concatenate([start[None], start + steps])))
+    br = np.zeros((S, S), np.uint8)
+    _lines(br, lines, 255, geo.length(0.006))
+    tex -= cv2.LUT(br, _u8_to_f32(0.45))
+    np.clip(tex, 0.12, 0.95, out=tex)
+    tex *= _blur(cv2.LUT(region, _u8_to_f32(0.42)), 0.004 * pp)
+    extra += tex
     return region
 
 
-def _effusion(p, rng, opac, g):
-    S = opac.shape[0]
-    geo, px_per, tissue = g["geo"], g["px_per"], g["tissue"]
-    sides = [int(rng.integers(0, 2))]
-    if rng.uniform() < 0.2:
-        sides = [0, 1]
-    mask = np.zeros((S, S), bool)
+def _effusion(p, rng, ctx) -> np.ndarray:
+    geo, tissue, extra = ctx["geo"], ctx["tissue"], ctx["extra"]
+    S = extra.shape[0]
+    pp = geo.length(1.0)
+    sides = [0, 1] if rng.uniform() < 0.2 else [int(rng.integers(0, 2))]
+    mask = np.zeros((S, S), np.uint8)
     for i in sides:
         s = -1.0 if i == 0 else 1.0
         h = rng.uniform(0.07, 0.2)
         W = p["W"][i]
-        y_base = p["y_peak"][i] + 0.01
         d = np.linspace(0.0, W + 0.05, 24)
-        u = np.clip(d / W, 0, 1.2)
-        ytop = y_base - h * (0.2 + 0.8 * u ** 2.6)
-        poly = np.concatenate([_side_pts(d, ytop, s), _side_pts(np.array([W + 0.05, 0.0]), np.array([1.3, 1.3]), s)])
+        u = np.clip(d / W, 0.0, 1.2)
+        ytop = p["y_peak"][i] + 0.01 - h * (0.2 + 0.8 * u ** 2.6)   # meniscus
+        poly = np.concatenate([_sp(d, ytop, s), _sp(np.array([W + 0.05, 0.0]), np.array([1.3, 1.3]), s)])
         layer = np.zeros((S, S), np.uint8)
         _fill(layer, [geo.px(poly)], 255)
-        m = (layer > 0) & _lung_side_mask(tissue, i)
-        if not m.any():
-            continue
-        mask |= m
-        soft = _blur(layer, 0.012 * px_per)  # soft meniscus edge
-        opac += cv2.LUT(soft, _u8_lut(rng.uniform(0.92, 1.0)))
-        fluid = cv2.LUT(soft, _u8_lut(rng.uniform(0.1, 0.16)))
-        fluid *= _lung_side_mask(tissue, i)
-        g["extra"] += fluid
+        lung_i = cv2.inRange(tissue, (_RLUNG, _LLUNG)[i], (_RLUNG, _LLUNG)[i])
+        cv2.bitwise_and(layer, lung_i, dst=layer)
+        cv2.bitwise_or(mask, layer, dst=mask)
+        soft = cv2.LUT(_blur(layer, 0.012 * pp), _u8_to_f32(rng.uniform(0.42, 0.5)))
+        extra += soft
     return mask
 
 
-def _pneumothorax(p, rng, g):
-    S = g["tissue"].shape[0]
-    geo, px_per, tissue = g["geo"], g["px_per"], g["tissue"]
+def _pneumothorax_geometry(p, rng, lungs):
+    """Side, retracted lung outline and visceral pleural line of a pneumothorax."""
     i = int(rng.integers(0, 2))
     s = -1.0 if i == 0 else 1.0
-    outline = g["lungs"][i]
+    outline = lungs[i]
     lung_h = p["y_peak"][i] - p["y_apex"]
     hil = np.array([0.5 + s * 0.1, p["y_apex"] + 0.5 * lung_h])
-    dpt = outline[:, 0] - 0.5
-    ad = np.abs(dpt)
+    ad = np.abs(outline[:, 0] - 0.5)
     yf = (outline[:, 1] - p["y_apex"]) / lung_h
     w = np.clip(1.5 - 2.0 * yf, 0.0, 1.0) * np.clip((ad - 0.06) / 0.08, 0.0, 1.0)
-    w = np.maximum(w, np.clip(1.0 - yf / 0.15, 0, 1))  # whole apex cap
+    w = np.maximum(w, np.clip(1.0 - yf / 0.15, 0.0, 1.0))   # the whole apical cap
     depth = rng.uniform(0.04, 0.1)
     vec = hil - outline
     vec /= np.linalg.norm(vec, axis=1, keepdims=True) + 1e-9
     inner = outline + vec * (w * depth)[:, None]
-    ret = np.zeros((S, S), np.uint8)
-    _fill(ret, [geo.px(inner)], 1)
-    lung_i = _lung_side_mask(tissue, i)
-    ptx = lung_i & (ret == 0)
-    pleural = np.zeros((S, S), np.uint8)
-    sel = w > 0.15
-    idx = np.flatnonzero(sel)
-    if idx.size >= 2:
-        _lines(pleural, [geo.px(inner[idx.min():idx.max() + 1])], 255, max(1.0, 0.0035 * px_per))
-        pleural &= lung_i.view(np.uint8) * np.uint8(255)
-    return ptx, pleural, lung_i
+    idx = np.flatnonzero(w > 0.15)
+    pleural = inner[idx.min():idx.max() + 1] if idx.size >= 2 else None
+    return i, inner, pleural

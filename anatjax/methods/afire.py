@@ -85,6 +85,9 @@ def make(config, schedule) -> Method:
         "teacher": {"encoder": params["encoder"], "head": params["head"]},
         "prototype_buffer": jnp.zeros((grid * grid, config.model.num_prototypes),
                                       jnp.float32),
+        # Images whose lesion-texture search failed (blank, constant, tiny bright region)
+        # and got the fallback texture: counted over the whole run, never fatal.
+        "texture_fallbacks": jnp.zeros([], jnp.int32),
     }
     return params, method_state
 
@@ -113,11 +116,13 @@ def make(config, schedule) -> Method:
     loss_rec = losses.mean_squared_error(restored, x_clean)
     loss = loss_cst + cfg.restoration_weight * loss_rec
 
-    new_state = dict(method_state, prototype_buffer=buffer)
+    fallbacks = method_state["texture_fallbacks"] + jnp.sum(
+        batch["texture_fallback"].astype(jnp.int32))
+    new_state = dict(method_state, prototype_buffer=buffer, texture_fallbacks=fallbacks)
     metrics = {
         "loss": loss, "loss_cst": loss_cst, "loss_rec": loss_rec,
         "abnormal_token_fraction": jnp.mean(abnormal.astype(jnp.float32)),
-        "lesion_texture_fallbacks": jnp.sum(batch["texture_fallback"].astype(jnp.int32)),
+        "texture_fallbacks_total": fallbacks,
         # How peaked the shared targets are: log K when uniform, 0 when one-hot.
         "target_entropy": -jnp.mean(jnp.sum(target * jnp.log(target + 1e-12), axis=-1)),
     }
