@@ -36,6 +36,8 @@ def default_workdir(config_arg: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter; --verbosity=0 shows it
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
   try:
@@ -52,5 +54,21 @@ def main(argv):
           f"{summary['step']}/{summary['total_steps']} steps done.", flush=True)
 
 
+def parse_flags(argv):
+  """absl parsing, with config errors (unknown keys, bad values) as one clear message."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    # Errors raised inside a config file arrive wrapped with their traceback: keep the
+    # message at its end.
+    text = re.split(r"\b\w+Error: ", text)[-1]
+    message = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    if len(message) > 1 and message[0] == message[-1] == "'":  # a KeyError's quoting
+      message = message[1:-1]
+    sys.exit(f"Bad flag or config: {message}\n"
+             "Pass --helpfull to see the flags.")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

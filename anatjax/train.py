@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 import signal
 import threading
@@ -115,6 +114,11 @@ def train(config, workdir: str) -> dict:
       process_count=jax.process_count(), num_workers=config.data.num_workers)
   iterator = iter(dataset)
   config_hash = config_lib.config_hash(config)
+  say(f"{method.name} on {config.data.source} ({len(source)} examples, "
+      f"{config.data.image_size} px): {schedule.total_steps} steps of batch "
+      f"{config.batch_size} ({schedule.total_steps / schedule.steps_per_epoch:.1f} epochs "
+      f"of {schedule.steps_per_epoch} steps) on {mesh.size} device(s) "
+      f"{dict(mesh.shape)}, workdir {workdir}")
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, default=str)
@@ -142,7 +146,7 @@ def train(config, workdir: str) -> dict:
       iterator, check_meta)
   if restored:
     start_step, state, _ = restored
-    logging.info("Resumed from %s/%d.", ckpt.directory, start_step)
+    say(f"Resumed from {ckpt.directory}/{start_step}.")
   else:
     start_step = 0
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
@@ -176,7 +180,7 @@ def train(config, workdir: str) -> dict:
       train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.NamedSharding(mesh, sharding.P())),
       donate_argnums=0).lower(state, first_batch).compile()
-  log_memory(compiled)
+  say(memory_report(compiled))
 
   # ---------------------------------------------------------------- the loop
   checkpoint_every = schedule.steps(config.checkpoint.every, "checkpoint.every")
@@ -239,13 +243,18 @@ def summary(workdir, start_step, step, total_steps, stopped_by, losses, state) -
           "state": state}
 
 
-def log_memory(compiled) -> None:
+def say(message: str) -> None:
+  """A line for the user, from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def memory_report(compiled) -> str:
   stats = compiled.memory_analysis()
   if stats is None:
-    return
+    return "Compiled the train step (no memory analysis on this backend)."
   mib = 2 ** 20
-  logging.info(
-      "Compiled train step, per device: arguments %.1f MiB, outputs %.1f MiB, "
-      "temporaries %.1f MiB (aliased with donated inputs: %.1f MiB).",
-      stats.argument_size_in_bytes / mib, stats.output_size_in_bytes / mib,
-      stats.temp_size_in_bytes / mib, stats.alias_size_in_bytes / mib)
+  return (f"Compiled the train step. Per device: arguments "
+          f"{stats.argument_size_in_bytes / mib:.1f} MiB, outputs "
+          f"{stats.output_size_in_bytes / mib:.1f} MiB, temporaries "
+          f"{stats.temp_size_in_bytes / mib:.1f} MiB.")

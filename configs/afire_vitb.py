@@ -16,7 +16,7 @@ the size of the published MIMIC-CXR normal set).
       --config.batch_size=256 --config.duration=100ep --workdir=runs/afire_s16
 
 Arguments (after the colon, comma-separated): variant=Ti/16|S/16|B/16|L/16 (any NAME/PATCH
-of anatjax.models.vit.VARIANTS), runlocal (tiny model, 64 px, 300 steps).
+of anatjax.models.vit.VARIANTS), runlocal (a 4-block ViT-Ti/8 at 64 px, batch 32, 200 steps).
 Durations (duration, optim.warmup, afire.freeze_prototypes, checkpoint.every) take
 '<n>ep' (epochs), '<n>st' (steps) or '<n>ex' (examples).
 
@@ -82,7 +82,7 @@ def get_config(arg=None):
 
   if arg.runlocal:
     c.batch_size = 32
-    c.duration = "300st"
+    c.duration = "200st"
     c.log_every = 10
     c.data.image_size = 64
     c.data.num_examples = 256

@@ -169,3 +169,28 @@ def test_blank_images_use_fallback_texture_and_are_counted(tmp_path, monkeypatch
   result = train.train(tiny_config(duration="3st"), str(tmp_path))
   assert int(result["state"]["method_state"]["texture_fallbacks"]) == 3 * 16
   assert reporting.read_metrics(str(tmp_path))[-1]["texture_fallbacks_total"] == 48
+
+
+def test_runlocal_recipe_loss_goes_down(tmp_path):
+  """The real runlocal config (model, image size, batch, schedules), only shorter."""
+  config = afire_vitb.get_config("runlocal")
+  config.duration = "40st"
+  config.data.num_workers = 0
+  config.mesh.data = 1
+  result = train.train(config, str(tmp_path))
+  losses = np.array([l for _, l in result["losses"]])
+  assert len(losses) == 40 and np.isfinite(losses).all()
+  assert losses[-5:].mean() < losses[:5].mean() - 0.3, losses
+  records = reporting.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [10, 20, 30, 40]
+  for term in ("loss_cst", "loss_rec"):
+    assert records[-1][term] < records[0][term], term
+
+
+def test_main_names_the_closest_key_for_a_mistyped_override(tmp_path):
+  proc = _run_main(["--config=configs/afire_vitb.py:runlocal", f"--workdir={tmp_path}",
+                    "--config.optim.base_lrr=1"])
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode != 0
+  assert 'Did you mean "base_lr"' in out and "Traceback" not in out
+  assert not os.listdir(tmp_path)  # failed before creating anything
