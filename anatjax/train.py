@@ -72,6 +72,23 @@ def state_initializer(method):
   return init_state
 
 
+def make_train_step(method, step_key):
+  """The pure update: (state, batch) -> (state, metrics), randomness fold_in(key, step)."""
+  def train_step(state, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(step_key, step)
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (_, (method_state, metrics)), grads = grad_fn(
+        state["params"], state["method_state"], batch, rng, step)
+    updates, opt_state = method.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    method_state = method.after_update(params, method_state, step)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return ({"step": step + 1, "params": params, "opt_state": opt_state,
+             "method_state": method_state}, metrics)
+  return train_step
+
+
 def load_checkpoint(workdir: str, step: int | None = None):
   """(config, method, state, step) of a run's checkpoint (default: the newest), on host.
 
@@ -151,20 +168,6 @@ def train(config, workdir: str) -> dict:
     start_step = 0
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
 
-  # ---------------------------------------------------------------- the step
-  def train_step(state, batch):
-    step = state["step"]
-    rng = jax.random.fold_in(step_key, step)
-    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-    (_, (method_state, metrics)), grads = grad_fn(
-        state["params"], state["method_state"], batch, rng, step)
-    updates, opt_state = method.optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    method_state = method.after_update(params, method_state, step)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return ({"step": step + 1, "params": params, "opt_state": opt_state,
-             "method_state": method_state}, metrics)
-
   total = schedule.total_steps
   if start_step >= total:
     iterator.close()
@@ -177,12 +180,12 @@ def train(config, workdir: str) -> dict:
   batches = itertools.chain(
       [first_batch], (sharding.global_batch(b, mesh) for b in iterator))
   compiled = jax.jit(
-      train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      make_train_step(method, step_key), in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.NamedSharding(mesh, sharding.P())),
       donate_argnums=0).lower(state, first_batch).compile()
   say(memory_report(compiled))
 
-  # ---------------------------------------------------------------- the loop
+  # ---------------------------------------------------------------- compile + loop
   checkpoint_every = schedule.steps(config.checkpoint.every, "checkpoint.every")
   meta = {"method": method.name, "config_hash": config_hash,
           "config": json.loads(json.dumps(config.to_dict(), default=str))}
