@@ -80,3 +80,37 @@ def test_decoder_replaces_flagged_tokens_by_position_mask_tokens():
   changed = tokens.at[0, 1].add(5.0).at[0, 4].add(5.0)  # tokens of positions 0 and 3
   np.testing.assert_allclose(dec.apply(variables, changed, abn), out, atol=1e-6)
   assert not np.allclose(dec.apply(variables, tokens.at[0, 2].add(5.0), abn), out)
+
+
+def _stack_blocks(transformer_params, depth, prefix="encoderblock"):
+  blocks = [transformer_params.pop(f"{prefix}_{i}") for i in range(depth)]
+  transformer_params[prefix] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return transformer_params
+
+
+def test_scan_and_remat_compute_the_same_function_and_gradients():
+  kwargs = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=8)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  plain = vit.ViT(**kwargs)
+  params = jax.jit(plain.init)(jax.random.key(1), images)["params"]
+  stacked = dict(params, Transformer=_stack_blocks(dict(params["Transformer"]), 2))
+
+  def loss(model, p):
+    return jnp.sum(jnp.sin(model.apply({"params": p}, images)))
+
+  want, want_grad = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
+  for remat, scan in (("none", True), ("full", False), ("dots", True)):
+    model = vit.ViT(**kwargs, remat=remat, scan=scan)
+    p = stacked if scan else params
+    # The scanned form's own initialisation has the stacked layout.
+    shapes = jax.eval_shape(model.init, jax.random.key(1), images)["params"]
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(jnp.shape, p)
+    got, grad = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(p)
+    np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{remat} {scan}")
+    if scan:
+      grad = vit.unstack_blocks(grad)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  unstacked = vit.unstack_blocks(stacked)
+  for a, b in zip(jax.tree.leaves(unstacked), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)

@@ -28,7 +28,7 @@ from anatjax.data.lesions import LesionConfig
 from anatjax.methods import Method
 from anatjax.models.decoders import RestorationDecoder
 from anatjax.models.heads import PositionPrototypeHead
-from anatjax.models.vit import ViT, parse_variant
+from anatjax.models.vit import ViT, parse_variant, unstack_blocks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,12 +55,13 @@ def build_modules(config):
                      f"patch size {patch} of model.variant={model.variant!r}")
   grid = config.data.image_size // patch
   dtype = config_lib.compute_dtype(model.dtype)
-  encoder = ViT(**vit, dtype=dtype)
+  layers = dict(remat=model.remat, scan=model.scan_layers, dtype=dtype)
+  encoder = ViT(**vit, **layers)
   head = PositionPrototypeHead(grid * grid, model.num_prototypes, model.head_hidden_dim,
                                model.head_bottleneck_dim, dtype=dtype)
   dec = model.decoder
   decoder = RestorationDecoder(grid, grid, patch, model.channels, dec.width, dec.depth,
-                               dec.num_heads, dec.mlp_dim, dtype=dtype)
+                               dec.num_heads, dec.mlp_dim, **layers)
   return encoder, head, decoder
 
 
@@ -148,7 +149,7 @@ def make(config, schedule) -> Method:
     source = {"teacher": method_state["teacher"], "student": params}
     if which not in source:
       raise ValueError(f"which={which!r}: AFiRe exports 'teacher' or 'student'")
-    return source[which]["encoder"]
+    return unstack_blocks(source[which]["encoder"])
 
   slm = LesionConfig.for_image_size(size, **config.slm)
   host = (transforms.Greyscale(size),

@@ -32,6 +32,8 @@ class RestorationDecoder(nn.Module):
   depth: int = 8
   num_heads: int = 16
   mlp_dim: int = 2048
+  remat: str = "none"
+  scan: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -46,7 +48,8 @@ class RestorationDecoder(nn.Module):
     x = x + sincos_2d(self.grid_h, self.grid_w, self.width).astype(x.dtype)
     x = Transformer(self.depth, self.mlp_dim, self.num_heads, ln_eps=1e-5,
                     block_prefix="decoderblock", norm_name="decoder_norm",
-                    dtype=self.dtype, name="Transformer")(x)
+                    remat=self.remat, scan=self.scan, dtype=self.dtype,
+                    name="Transformer")(x)
     pixels = nn.Dense(self.patch_size ** 2 * self.channels, dtype=self.dtype,
                       kernel_init=xavier_uniform, name="pred")(x[:, 1:])
     return unpatchify(pixels.astype(jnp.float32), self.grid_h, self.grid_w,

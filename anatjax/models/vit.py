@@ -12,6 +12,7 @@ import functools
 import re
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -122,21 +123,74 @@ class EncoderBlock(nn.Module):
     return x + MlpBlock(self.mlp_dim, self.dtype)(y)
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class ScannedBlock(EncoderBlock):
+  """EncoderBlock with the (carry, input) -> (carry, output) signature nn.scan needs."""
+
+  def __call__(self, x, _):
+    return super().__call__(x), None
+
+
 class Transformer(nn.Module):
+  """`depth` encoder blocks and a final LayerNorm.
+
+  remat: recompute block activations in the backward pass ('full': keep nothing, 'dots':
+  keep matmul outputs) to trade FLOPs for memory. scan: one scanned block instead of
+  `depth` unrolled ones, for faster compiles of deep models; its parameters are stacked
+  under `<block_prefix>` with a leading layer axis (`unstack_blocks` restores the
+  per-block layout, which export and the rest of the code see).
+  """
   depth: int
   mlp_dim: int
   num_heads: int
   ln_eps: float = 1e-6
   block_prefix: str = "encoderblock"
   norm_name: str = "encoder_norm"
+  remat: str = "none"
+  scan: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    for i in range(self.depth):
-      x = EncoderBlock(self.mlp_dim, self.num_heads, self.ln_eps, self.dtype,
-                       name=f"{self.block_prefix}_{i}")(x)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}: use one of {sorted(REMAT_POLICIES)}")
+    args = (self.mlp_dim, self.num_heads, self.ln_eps, self.dtype)
+    block = ScannedBlock if self.scan else EncoderBlock
+    if self.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    if self.scan:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=self.depth)
+      x, _ = stack(*args, name=self.block_prefix)(x, None)
+    else:
+      for i in range(self.depth):
+        x = block(*args, name=f"{self.block_prefix}_{i}")(x)
     return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=self.norm_name)(x)
+
+
+def unstack_blocks(params, block_prefix: str = "encoderblock"):
+  """A scanned Transformer's parameters -> the per-block layout (`<prefix>_{i}`).
+
+  Works on any dict that holds the Transformer's parameters at some depth; a tree that is
+  already per-block is returned unchanged.
+  """
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for key, value in params.items():
+    if key == block_prefix:
+      depth = jax.tree.leaves(value)[0].shape[0]
+      for i in range(depth):
+        out[f"{block_prefix}_{i}"] = jax.tree.map(lambda a, i=i: a[i], value)
+    else:
+      out[key] = unstack_blocks(value, block_prefix)
+  return out
 
 
 class ViT(nn.Module):
@@ -146,6 +200,8 @@ class ViT(nn.Module):
   mlp_dim: int
   num_heads: int
   patch_size: int
+  remat: str = "none"
+  scan: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -162,6 +218,6 @@ class ViT(nn.Module):
     cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x],
                         axis=1)
-    x = Transformer(self.depth, self.mlp_dim, self.num_heads, dtype=self.dtype,
-                    name="Transformer")(x)
+    x = Transformer(self.depth, self.mlp_dim, self.num_heads, remat=self.remat,
+                    scan=self.scan, dtype=self.dtype, name="Transformer")(x)
     return x.astype(jnp.float32)
