@@ -30,11 +30,18 @@ def soft_cross_entropy(target_probs, logits, temperature: float):
   return -jnp.sum(target_probs * log_probs, axis=-1)
 
 
-def masked_mean(values, mask):
-  """Mean of `values` where `mask` is true; 0 when nothing is selected."""
+def masked_mean(values, mask, count=None):
+  """Sum of `values` where `mask` is true over max(1, count); 0 when nothing is selected.
+
+  `count` defaults to the number of selected values (a plain masked mean); passing the
+  count of a whole batch makes the results of its micro-batches add up to its mean.
+  """
   mask = mask.astype(jnp.float32)
-  return jnp.sum(values * mask) / jnp.maximum(1.0, jnp.sum(mask))
+  count = jnp.sum(mask) if count is None else count
+  return jnp.sum(values * mask) / jnp.maximum(1.0, count)
 
 
-def mean_squared_error(prediction, target):
-  return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
+def mean_squared_error(prediction, target, count=None):
+  """Sum of squared differences over `count` (default: the number of elements)."""
+  squared = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+  return jnp.sum(squared) / (squared.size if count is None else count)

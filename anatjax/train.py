@@ -72,21 +72,56 @@ def state_initializer(method):
   return init_state
 
 
-def make_train_step(method, step_key):
-  """The pure update: (state, batch) -> (state, metrics), randomness fold_in(key, step)."""
+def make_train_step(method, step_key, accumulate: int = 1, mesh=None):
+  """The pure update: (state, batch) -> (state, metrics), randomness fold_in(key, step).
+
+  With `accumulate` > 1 the gradient is summed over that many micro-batches inside the
+  step (a lax.scan), which still is one optimiser step on the whole global batch: the
+  method's `prepare` sees the whole batch and its loss is normalised batch-wide.
+  """
+  grad_fn = jax.grad(method.loss, has_aux=True)
+
   def train_step(state, batch):
-    step = state["step"]
+    step, params = state["step"], state["params"]
     rng = jax.random.fold_in(step_key, step)
-    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-    (_, (method_state, metrics)), grads = grad_fn(
-        state["params"], state["method_state"], batch, rng, step)
-    updates, opt_state = method.optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    method_state, context, metrics = method.prepare(
+        params, state["method_state"], batch, step)
+
+    def micro_grads(i, micro):
+      return grad_fn(params, method_state, context, micro, jax.random.fold_in(rng, i), step)
+
+    if accumulate == 1:
+      grads, loss_metrics = micro_grads(0, batch)
+    else:
+      micro = jax.tree.map(lambda x: split_micro_batches(x, accumulate, mesh), batch)
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+          micro_grads, 0, jax.tree.map(lambda x: x[0], micro)))
+
+      def add_micro(total, xs):
+        return jax.tree.map(jnp.add, total, micro_grads(*xs)), None
+      (grads, loss_metrics), _ = jax.lax.scan(add_micro, zeros,
+                                              (jnp.arange(accumulate), micro))
+
+    updates, opt_state = method.optimizer.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
     method_state = method.after_update(params, method_state, step)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics = {**metrics, **loss_metrics, "grad_norm": optax.tree.norm(grads)}
     return ({"step": step + 1, "params": params, "opt_state": opt_state,
              "method_state": method_state}, metrics)
   return train_step
+
+
+def split_micro_batches(x, count: int, mesh=None):
+  """[B, ...] -> [count, B/count, ...], micro-batch i = examples i, i+count, ...
+
+  Strided rather than contiguous, so that every micro-batch draws evenly from each
+  device's shard of the batch and stays spread over all devices.
+  """
+  x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+  if mesh is not None:
+    spec = sharding.P(None, sharding.AXES, *([None] * (x.ndim - 2)))
+    x = jax.lax.with_sharding_constraint(x, sharding.NamedSharding(mesh, spec))
+  return x
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
@@ -122,9 +157,11 @@ def train(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   source, schedule, method = build(config)
   mesh = sharding.make_mesh(config.mesh)
-  if config.batch_size % mesh.size:
-    raise ValueError(f"config batch_size={config.batch_size} does not divide over the "
-                     f"{mesh.size} devices of the mesh {dict(mesh.shape)}")
+  if config.batch_size % (mesh.size * config.grad_accum_steps):
+    raise ValueError(
+        f"config batch_size={config.batch_size} does not divide into "
+        f"grad_accum_steps={config.grad_accum_steps} micro-batches over the {mesh.size} "
+        f"devices of the mesh {dict(mesh.shape)}")
   dataset = pipeline.make_dataset(
       source, method.host_transforms, batch_size=config.batch_size // jax.process_count(),
       seed=config.seed, process_index=jax.process_index(),
@@ -180,7 +217,8 @@ def train(config, workdir: str) -> dict:
   batches = itertools.chain(
       [first_batch], (sharding.global_batch(b, mesh) for b in iterator))
   compiled = jax.jit(
-      make_train_step(method, step_key), in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      make_train_step(method, step_key, config.grad_accum_steps, mesh),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.NamedSharding(mesh, sharding.P())),
       donate_argnums=0).lower(state, first_batch).compile()
   say(memory_report(compiled))

@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.method = "afire"
   c.seed = 0
   c.batch_size = 1024
+  c.grad_accum_steps = 1         # >1: sum gradients over this many micro-batches per step
   c.duration = "400ep"
   c.log_every = 50
   c.allow_config_change = False

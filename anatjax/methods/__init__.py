@@ -22,7 +22,13 @@ class Method(NamedTuple):
   name: str
   # rng -> (params, method_state)
   init: Callable[[Any], tuple[Any, Any]]
-  # (params, method_state, batch, rng, step) -> (loss, (method_state, metrics))
+  # (params, method_state, batch, step) -> (method_state, context, metrics): the
+  # gradient-free work on the whole global batch before the loss (teacher passes,
+  # targets, batch-wide normalisers)
+  prepare: Callable[..., Any]
+  # (params, method_state, context, batch, rng, step) -> (loss, metrics). With gradient
+  # accumulation `batch` is one micro-batch and the micro-batches' losses and metrics
+  # are summed, so a method normalises by batch-wide counts from `context`.
   loss: Callable[..., Any]
   # (params, method_state, step) -> method_state; the non-gradient update after the step
   after_update: Callable[..., Any]

@@ -96,38 +96,46 @@ def make(config, schedule) -> Method:
     tokens = encoder.apply({"params": params["encoder"]}, images)
     return tokens, head.apply({"params": params["head"]}, tokens[:, 1:])
 
-  def loss_fn(params, method_state, batch, rng, step):
-    del rng  # all of AFiRe's randomness is the host's lesion synthesis
-    x_clean = normalize(batch["x_clean"], channels)
-    x_slm = normalize(batch["x_slm"], channels)
-    abnormal = batch["abn"]
-
-    _, teacher_logits = token_logits(method_state["teacher"], x_clean)
+  def prepare(params, method_state, batch, step):
+    """Teacher pass over the whole global batch -> updated buffer, shared targets."""
+    del params
+    _, teacher_logits = token_logits(method_state["teacher"],
+                                     normalize(batch["x_clean"], channels))
     batch_mean = jax.lax.stop_gradient(jnp.mean(teacher_logits, axis=0))
     first_epoch = step < steps_per_epoch
     buffer = jnp.where(first_epoch, batch_mean,
                        cfg.prototype_momentum * method_state["prototype_buffer"]
                        + (1.0 - cfg.prototype_momentum) * batch_mean)
     target = losses.sinkhorn(buffer, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters)
-
-    tokens, student_logits = token_logits(params, x_slm)
-    token_ce = losses.soft_cross_entropy(target[None], student_logits, cfg.student_temp)
-    loss_cst = losses.masked_mean(token_ce, ~abnormal)
-    restored = decoder.apply({"params": params["decoder"]}, tokens, abnormal)
-    loss_rec = losses.mean_squared_error(restored, x_clean)
-    loss = loss_cst + cfg.restoration_weight * loss_rec
-
+    abnormal = batch["abn"]
     fallbacks = method_state["texture_fallbacks"] + jnp.sum(
         batch["texture_fallback"].astype(jnp.int32))
-    new_state = dict(method_state, prototype_buffer=buffer, texture_fallbacks=fallbacks)
+    # The loss normalisers are counted over the whole batch, so a loss summed over
+    # micro-batches equals the loss of the whole batch.
+    context = {"target": target, "normal_tokens": jnp.sum(~abnormal),
+               "pixels": batch["x_clean"].size * channels}
     metrics = {
-        "loss": loss, "loss_cst": loss_cst, "loss_rec": loss_rec,
         "abnormal_token_fraction": jnp.mean(abnormal.astype(jnp.float32)),
         "texture_fallbacks_total": fallbacks,
         # How peaked the shared targets are: log K when uniform, 0 when one-hot.
         "target_entropy": -jnp.mean(jnp.sum(target * jnp.log(target + 1e-12), axis=-1)),
     }
-    return loss, (new_state, metrics)
+    new_state = dict(method_state, prototype_buffer=buffer, texture_fallbacks=fallbacks)
+    return new_state, context, metrics
+
+  def loss_fn(params, method_state, context, batch, rng, step):
+    """The student's losses on (a micro-batch of) the batch, normalised batch-wide."""
+    del method_state, rng, step  # AFiRe's randomness is the host's lesion synthesis
+    abnormal = batch["abn"]
+    tokens, student_logits = token_logits(params, normalize(batch["x_slm"], channels))
+    token_ce = losses.soft_cross_entropy(context["target"][None], student_logits,
+                                         cfg.student_temp)
+    loss_cst = losses.masked_mean(token_ce, ~abnormal, count=context["normal_tokens"])
+    restored = decoder.apply({"params": params["decoder"]}, tokens, abnormal)
+    loss_rec = losses.mean_squared_error(restored, normalize(batch["x_clean"], channels),
+                                         count=context["pixels"])
+    loss = loss_cst + cfg.restoration_weight * loss_rec
+    return loss, {"loss": loss, "loss_cst": loss_cst, "loss_rec": loss_rec}
 
   teacher_momentum = optim.cosine(cfg.teacher_momentum, 1.0, total_steps)
 
@@ -154,7 +162,8 @@ def make(config, schedule) -> Method:
   slm = LesionConfig.for_image_size(size, **config.slm)
   host = (transforms.Greyscale(size),
           transforms.SyntheticLesions(slm, encoder.patch_size))
-  return Method("afire", init, loss_fn, after_update, optimizer, encoder_params, host,
+  return Method("afire", init, prepare, loss_fn, after_update, optimizer, encoder_params,
+                host,
                 {"lr": lr, "weight_decay": wd, "teacher_momentum": teacher_momentum})
 
 
