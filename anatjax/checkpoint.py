@@ -37,12 +37,17 @@ class IteratorSnapshot:
 
 
 class Checkpointer:
-  def __init__(self, directory: str, *, keep: int, async_save: bool):
+  def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = False,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    if read_only and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"No checkpoints in {self.directory}: train first, or pass "
+                              "the --workdir of a run.")
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+            max_to_keep=keep, enable_async_checkpointing=async_save,
+            create=not read_only, read_only=read_only),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})

@@ -59,16 +59,20 @@ class Progress:
     self.total, self.per_epoch, self.batch = total_steps, steps_per_epoch, batch_size
     self.enabled = enabled
     self._tty = sys.stderr.isatty()
-    self._mark = (start_step, time.perf_counter())
+    self._mark = (start_step, time.perf_counter(), 0.0)
     self.images_per_s = float("nan")
 
-  def update(self, step: int, scalars: dict) -> None:
-    """Report after `step` steps are done."""
+  def update(self, step: int, scalars: dict, data_wait_s: float) -> None:
+    """Report after `step` steps are done; adds `images_per_s` and `data_wait` (the
+    fraction of the time since the last report spent waiting for batches) to scalars."""
     now = time.perf_counter()
-    last_step, last_time = self._mark
+    last_step, last_time, last_wait = self._mark
+    elapsed = max(now - last_time, 1e-9)
     if step > last_step:
-      self.images_per_s = (step - last_step) * self.batch / max(now - last_time, 1e-9)
-      self._mark = (step, now)
+      self.images_per_s = (step - last_step) * self.batch / elapsed
+    self._mark = (step, now, data_wait_s)
+    scalars["images_per_s"] = self.images_per_s
+    scalars["data_wait"] = (data_wait_s - last_wait) / elapsed
     if not self.enabled:
       return
     eta = (self.total - step) * self.batch / self.images_per_s
@@ -76,8 +80,8 @@ class Progress:
     terms = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in scalars.items()
                      if k.startswith("loss_"))
     line = (f"step {step}/{self.total} (epoch {step / self.per_epoch:.2f}) | "
-            f"loss {scalars['loss']:.4f} ({terms}) | {self.images_per_s:.1f} img/s | "
-            f"ETA {eta_text}")
+            f"loss {scalars['loss']:.4f} ({terms}) | {self.images_per_s:.1f} img/s, "
+            f"data wait {scalars['data_wait']:.0%} | ETA {eta_text}")
     sys.stderr.write(("\r" + line + "\033[K") if self._tty else line + "\n")
     sys.stderr.flush()
 

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import jax
 import ml_collections
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from anatjax import checkpoint, config as config_lib, methods, reporting, sharding
+from anatjax import checkpoint, config as config_lib, export, methods, reporting, sharding
 from anatjax.data import pipeline, sources
 
 
@@ -56,6 +57,21 @@ class StopRequest:
       signal.signal(sig, handler)
 
 
+class TimedIterator:
+  """Counts the seconds the loop spends waiting for its next batch (the device idles
+  then, unless earlier steps are still queued): the host pipeline's report card."""
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+    self.wait_s = 0.0
+
+  def __next__(self):
+    start = time.perf_counter()
+    item = next(self._iterator)
+    self.wait_s += time.perf_counter() - start
+    return item
+
+
 def build(config):
   """(source, schedule, method) for a config; fails on bad names before any compiling."""
   source = sources.make_source(config.data)
@@ -70,6 +86,16 @@ def state_initializer(method):
     return {"step": jnp.zeros([], jnp.int32), "params": params,
             "opt_state": method.optimizer.init(params), "method_state": method_state}
   return init_state
+
+
+def with_pretrained_encoder(config, method, state):
+  """The initial state with the encoder weights of `config.init_from` (a timm-style
+  .safetensors, a big_vision .npz or a weights-only PyTorch checkpoint)."""
+  def load(target):
+    return export.import_encoder(config.init_from, target,
+                                 image_size=config.data.image_size)
+  params, method_state = method.with_encoder(state["params"], state["method_state"], load)
+  return dict(state, params=params, method_state=method_state)
 
 
 def make_train_step(method, step_key, accumulate: int = 1, mesh=None):
@@ -130,8 +156,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
   For tools that read trained weights (export, evaluation): the config is the one saved
   in the checkpoint, the state comes back as NumPy arrays, the data position is ignored.
   """
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=None,
-                                 async_save=False)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     steps = ckpt.steps()
     if not steps:
@@ -204,6 +229,10 @@ def train(config, workdir: str) -> dict:
   else:
     start_step = 0
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+    if config.init_from:
+      state = jax.device_put(with_pretrained_encoder(config, method, state),
+                             state_shardings)
+      say(f"Initialised the encoder from {config.init_from}.")
 
   total = schedule.total_steps
   if start_step >= total:
@@ -214,8 +243,8 @@ def train(config, workdir: str) -> dict:
 
   # The first batch is read now to give the step its input shapes; the first step uses it.
   first_batch = sharding.global_batch(next(iterator), mesh)
-  batches = itertools.chain(
-      [first_batch], (sharding.global_batch(b, mesh) for b in iterator))
+  batches = TimedIterator(itertools.chain(
+      [first_batch], (sharding.global_batch(b, mesh) for b in iterator)))
   compiled = jax.jit(
       make_train_step(method, step_key, config.grad_accum_steps, mesh),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -243,9 +272,7 @@ def train(config, workdir: str) -> dict:
             f"{ckpt.directory}. Lower the learning rate or check the data, then rerun.")
     if step % config.log_every == 0 or step == total:
       scalars.update({k: float(fn(step - 1)) for k, fn in method.schedules.items()})
-      scalars["images_per_s"] = progress.images_per_s
-      progress.update(step, scalars)
-      scalars["images_per_s"] = progress.images_per_s
+      progress.update(step, scalars, batches.wait_s)  # adds images_per_s, data_wait
       writer.write(step, scalars)
     history.append((step, scalars["loss"]))
 

@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.duration = "400ep"
   c.log_every = 50
   c.allow_config_change = False
+  c.init_from = ""               # start the encoder from these weights (.safetensors/.npz/.pt)
 
   c.data = dict(
       source="synthetic_cxr",
@@ -78,6 +79,7 @@ def get_config(arg=None):
       base_lr=5e-4, base_batch_size=256, warmup="10ep", min_lr=1e-6,
       weight_decay=0.04, weight_decay_end=0.4, clip_norm=3.0,
       b1=0.9, b2=0.999, eps=1e-8,
+      mu_dtype="float32",      # Adam's first moment: float32 or bfloat16 (memory)
   )
   c.mesh = dict(data=-1, fsdp=1)
   c.sharding_rules = ((".*", "fsdp"),)

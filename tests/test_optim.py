@@ -28,7 +28,8 @@ def test_cosine_and_warmup_schedules():
 
 
 def _opt_config():
-  return ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, clip_norm=3.0))
+  return ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, clip_norm=3.0,
+                                        mu_dtype="float32"))
 
 
 def test_afire_optimizer_freezes_prototypes_completely_then_starts_fresh_adam():

@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -205,3 +206,57 @@ def test_gradient_accumulation_equals_the_large_batch_step(tmp_path):
   # Adam divides by sqrt(v): near-zero gradients turn float rounding into ~1e-6 moves.
   for a, b in zip(jax.tree.leaves(params_of(micro)), jax.tree.leaves(params_of(whole))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_step_is_traced_once_per_run(tmp_path, monkeypatch):
+  """No retracing: the step is compiled ahead of time, once, and reused for every step."""
+  from anatjax.methods import afire
+  traces = {"n": 0}
+  original = afire.make
+
+  def counting_make(config, schedule):
+    method = original(config, schedule)
+    def prepare(*args):
+      traces["n"] += 1
+      return method.prepare(*args)
+    return method._replace(prepare=prepare)
+
+  monkeypatch.setattr(afire, "make", counting_make)
+  result = train.train(tiny_config(duration="6st"), str(tmp_path))
+  assert result["step"] == 6 and traces["n"] == 1
+
+
+def test_bfloat16_compute_keeps_float32_state(tmp_path):
+  config = tiny_config(duration="3st")
+  config.unlock()
+  config.model.dtype = "bfloat16"
+  config.optim.mu_dtype = "bfloat16"
+  low = train.train(config, str(tmp_path / "bf16"))
+  full = train.train(tiny_config(duration="3st"), str(tmp_path / "f32"))
+  state = low["state"]
+  assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(state["method_state"]["teacher"])} == {
+      np.dtype("float32")}
+  moments = {"mu": set(), "nu": set()}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"]):
+    for name in moments:
+      if f".{name}" in jax.tree_util.keystr(path):
+        moments[name].add(leaf.dtype)
+  assert moments == {"mu": {jnp.dtype("bfloat16")}, "nu": {np.dtype("float32")}}
+  np.testing.assert_allclose([l for _, l in low["losses"]],
+                             [l for _, l in full["losses"]], rtol=3e-2)
+
+
+def test_init_from_exported_weights(tmp_path):
+  from anatjax import export
+  source = train.train(tiny_config(duration="2st"), str(tmp_path / "source"))
+  weights = str(tmp_path / "encoder.safetensors")
+  export.export_run(str(tmp_path / "source"), weights)
+  config = tiny_config(duration="1st", seed=7, init_from=weights)
+  config.unlock()
+  config.optim.base_lr = 0.0  # the step then leaves the parameters where they started
+  result = train.train(config, str(tmp_path / "init"))
+  want = jax.device_get(source["state"]["method_state"]["teacher"]["encoder"])
+  assert_trees_equal(params_of(result)["encoder"], want)
+  assert_trees_equal(jax.device_get(result["state"]["method_state"]["teacher"]["encoder"]),
+                     want)

@@ -35,6 +35,9 @@ class Method(NamedTuple):
   optimizer: optax.GradientTransformation
   # (params, method_state, which) -> the exportable encoder's parameters
   encoder: Callable[..., Any]
+  # (params, method_state, load) -> (params, method_state) with the encoder replaced by
+  # load(current encoder params) everywhere it lives (student, teacher, ...)
+  with_encoder: Callable[..., Any]
   # host-side Grain transforms that turn a source item into this method's batch item
   host_transforms: tuple
   # name -> step -> value, logged with the metrics (learning rate, momentum, ...)

@@ -159,11 +159,16 @@ def make(config, schedule) -> Method:
       raise ValueError(f"which={which!r}: AFiRe exports 'teacher' or 'student'")
     return unstack_blocks(source[which]["encoder"])
 
+  def with_encoder(params, method_state, load):
+    encoder_params = load(params["encoder"])
+    teacher = dict(method_state["teacher"], encoder=encoder_params)  # still a copy
+    return dict(params, encoder=encoder_params), dict(method_state, teacher=teacher)
+
   slm = LesionConfig.for_image_size(size, **config.slm)
   host = (transforms.Greyscale(size),
           transforms.SyntheticLesions(slm, encoder.patch_size))
   return Method("afire", init, prepare, loss_fn, after_update, optimizer, encoder_params,
-                host,
+                with_encoder, host,
                 {"lr": lr, "weight_decay": wd, "teacher_momentum": teacher_momentum})
 
 
@@ -180,7 +185,10 @@ def make_optimizer(opt, lr, wd, freeze_steps: int) -> optax.GradientTransformati
   def clip_groups(params):
     return optim.label_tree(params, [(PROTOTYPES, 1)], 0)
 
-  adam = functools.partial(optax.scale_by_adam, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  # The first moment may be kept in bfloat16 to save memory; the second stays float32
+  # (its small values underflow in bfloat16).
+  adam = functools.partial(optax.scale_by_adam, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                           mu_dtype=jnp.dtype(opt.mu_dtype))
   return optax.chain(
       optim.clip_by_norm_per_tensor(opt.clip_norm, clip_groups),
       optax.multi_transform(
