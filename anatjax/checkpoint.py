@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 FORMAT_VERSION = 1
+_DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # Grain's per-process state files
 
 
 class IteratorSnapshot:
@@ -72,14 +75,22 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(host)))["state"]
 
-  def restore_latest(self, abstract_state, iterator, check_meta=lambda meta: None):
-    """(step, state, meta) of the newest checkpoint that restores, or None if none exist.
+  def saved_process_count(self, step: int) -> int | None:
+    """How many processes wrote the data-iterator state of `step` (one file each)."""
+    names = os.listdir(os.path.join(self.directory, str(step), "data"))
+    counts = {int(m.group(1)) for m in map(_DATA_FILE.fullmatch, names) if m}
+    return counts.pop() if len(counts) == 1 else None
 
-    `abstract_state` (ShapeDtypeStructs with shardings) says where the arrays go;
-    `iterator` is moved to the saved data position in place. `check_meta(meta)` may raise
-    to refuse a checkpoint (e.g. another config); that error propagates untouched.
-    Checkpoints that fail to read are skipped for the previous one; once an older one
-    restores, the unreadable newer ones are set aside so that training can save again.
+  def restore_latest(self, abstract_state, iterator, check_meta=lambda meta: None):
+    """(step, state, meta, data_restored) of the newest checkpoint that restores, or None.
+
+    `abstract_state` (ShapeDtypeStructs with shardings) says where the arrays go, on any
+    mesh. `iterator` is moved to the saved data position in place when the checkpoint was
+    written by as many processes as there are now; otherwise `data_restored` is False and
+    the caller positions the data itself. `check_meta(meta)` may raise to refuse a
+    checkpoint (e.g. another config); that error propagates untouched. Checkpoints that
+    fail to read are skipped for the previous one; once an older one restores, the
+    unreadable newer ones are set aside so that training can save again.
     """
     failures = []
     for step in reversed(self.steps()):
@@ -90,15 +101,17 @@ class Checkpointer:
         continue
       check_meta(meta)
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(iterator)))
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        data_restored = self.saved_process_count(step) == jax.process_count()
+        if data_restored:
+          items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         failures.append((step, e))
         continue
       for bad_step, error in failures:
         self._set_aside(bad_step, error)
-      return step, restored["state"], meta
+      return step, restored["state"], meta, data_restored
     if failures:
       details = "\n".join(f"  step {s}: {type(e).__name__}: {_first_line(e)}"
                           for s, e in failures)
@@ -112,7 +125,10 @@ class Checkpointer:
     n = 0
     while os.path.exists(f"{path}.unreadable-{n}"):
       n += 1
-    os.rename(path, f"{path}.unreadable-{n}")
+    if jax.process_index() == 0:
+      os.rename(path, f"{path}.unreadable-{n}")
+    if jax.process_count() > 1:  # every process sees the rename before listing again
+      multihost_utils.sync_global_devices(f"anatjax_set_aside_{step}")
     logging.warning(
         "Checkpoint %s does not restore (%s: %s); it was moved to %s.unreadable-%d and "
         "training resumes from an earlier checkpoint.", path, type(error).__name__,

@@ -99,9 +99,11 @@ class Schedule:
 
 
 # Keys that steer how a run is executed or observed, not what it computes; changing them
-# between a checkpoint and a resume is always allowed.
+# between a checkpoint and a resume is always allowed (e.g. moving to other hardware:
+# the state restores onto any mesh, and accumulation gives the same step).
 RUN_CONTROL_KEYS = ("allow_config_change", "log_every", "data.num_workers",
-                    "checkpoint.keep", "checkpoint.async_save")
+                    "checkpoint.keep", "checkpoint.async_save", "mesh.data", "mesh.fsdp",
+                    "sharding_rules", "grad_accum_steps", "model.remat")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -1,7 +1,8 @@
 """Entry point: `python -m anatjax.main --config=configs/<recipe>.py[:args] [--workdir=DIR]`.
 
-Flags only: which config, where the run lives (default workdirs/<config name>), and the
-overrides `--config.<key>=<value>`. Running the same command again resumes the run.
+Flags only: which config, where the run lives (default workdirs/<config name>), the
+overrides `--config.<key>=<value>`, and how to join a multi-process run (see
+anatjax/distributed.py). Running the same command again resumes the run.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from anatjax import train as trainer
+from anatjax import distributed, train as trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':args', e.g. configs/afire_vitb.py:runlocal",
@@ -21,6 +24,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory of the run (checkpoints, metrics, config). "
     "Default: workdirs/<config file name>[_<args>].")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs launched by hand: host:port of process "
+    "0 (SLURM and TPU pods are detected without flags).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for all processes to join.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -38,6 +48,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter; --verbosity=0 shows it
+  multiprocess = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value, _INIT_TIMEOUT.value)
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
   try:
@@ -45,6 +57,10 @@ def main(argv):
   except trainer.NonFiniteLoss as e:
     logging.error("%s", e)
     sys.exit(1)
+  if multiprocess:  # leave together: no process exits while others still save
+    multihost_utils.sync_global_devices("anatjax_main_done")
+  if jax.process_index():
+    return
   losses = summary["losses"]
   print(f"Outputs in {os.path.abspath(workdir)}: checkpoints/, metrics.jsonl, "
         "tensorboard/, config.json", flush=True)

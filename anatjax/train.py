@@ -20,10 +20,11 @@ import threading
 import time
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from anatjax import checkpoint, config as config_lib, export, methods, reporting, sharding
 from anatjax.data import pipeline, sources
@@ -34,23 +35,33 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopRequest:
-  """Turns SIGTERM/SIGINT into a request to save and stop at the next step boundary."""
+  """A request to save and stop at a step boundary (SIGTERM, SIGINT, preemption).
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  One process: SIGTERM and SIGINT set the request, checked after every step. Several
+  processes: every process must stop after the same step, so SIGTERM is left to JAX's
+  preemption service, which tells all processes and agrees on a common step
+  (`reached_preemption_sync_point`, asked after every step).
+  """
 
   def __init__(self):
     self.signal_name = None
     self._previous = {}
+    self._multiprocess = jax.process_count() > 1
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in self.SIGNALS:
+    if not self._multiprocess and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
     self.signal_name = signal.Signals(signum).name
+
+  def requested(self, step: int) -> bool:
+    if self._multiprocess and multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = "SIGTERM"
+    return self.signal_name is not None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -187,11 +198,18 @@ def train(config, workdir: str) -> dict:
         f"config batch_size={config.batch_size} does not divide into "
         f"grad_accum_steps={config.grad_accum_steps} micro-batches over the {mesh.size} "
         f"devices of the mesh {dict(mesh.shape)}")
-  dataset = pipeline.make_dataset(
-      source, method.host_transforms, batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=config.data.num_workers)
-  iterator = iter(dataset)
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config batch_size={config.batch_size} does not divide over "
+                     f"{jax.process_count()} processes")
+
+  def data_from(start_batch):
+    return iter(pipeline.make_dataset(
+        source, method.host_transforms, batch_size=config.batch_size // jax.process_count(),
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.data.num_workers,
+        start_batch=start_batch))
+
+  iterator = data_from(0)
   config_hash = config_lib.config_hash(config)
   say(f"{method.name} on {config.data.source} ({len(source)} examples, "
       f"{config.data.image_size} px): {schedule.total_steps} steps of batch "
@@ -224,8 +242,16 @@ def train(config, workdir: str) -> dict:
                    abstract, state_shardings),
       iterator, check_meta)
   if restored:
-    start_step, state, _ = restored
+    start_step, state, _, data_restored = restored
     say(f"Resumed from {ckpt.directory}/{start_step}.")
+    if not data_restored:
+      # Saved by another number of processes: the data stream is the same for any
+      # process count (see pipeline.make_dataset), so start it at the step's batch.
+      iterator.close()
+      iterator = data_from(start_step)
+      say(f"The checkpoint was written by {ckpt.saved_process_count(start_step)} "
+          f"process(es), this run has {jax.process_count()}: the data resumes at global "
+          f"batch {start_step} of the same stream.")
   else:
     start_step = 0
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
@@ -238,7 +264,7 @@ def train(config, workdir: str) -> dict:
   if start_step >= total:
     iterator.close()
     ckpt.close()
-    print(f"{workdir} is already trained to step {start_step} of {total}.", flush=True)
+    say(f"{workdir} is already trained to step {start_step} of {total}.")
     return summary(workdir, start_step, start_step, total, None, [], state)
 
   # The first batch is read now to give the step its input shapes; the first step uses it.
@@ -279,16 +305,19 @@ def train(config, workdir: str) -> dict:
   step, pending, stop = start_step, None, StopRequest()
   try:
     with stop:
-      while step < total and not stop.signal_name:
+      while step < total:
         state, metrics = compiled(state, next(batches))
         step += 1
         if pending:  # the previous step's numbers: fetching them does not stall the device
           finish_step(*pending)
         pending = (step, metrics)
-        if step % checkpoint_every == 0 or step == total or stop.signal_name:
+        stopping = stop.requested(step)
+        if step % checkpoint_every == 0 or step == total or stopping:
           finish_step(*pending)  # never save a state whose loss was not finite
           pending = None
           ckpt.save(step, state, iterator, meta)
+        if stopping:
+          break
       if pending:
         finish_step(*pending)
   finally:
@@ -299,8 +328,8 @@ def train(config, workdir: str) -> dict:
     progress.close()
 
   if stop.signal_name:
-    print(f"Stopped on {stop.signal_name} after step {step}; checkpoint saved in "
-          f"{ckpt.directory}/{step}. Run the same command again to resume.", flush=True)
+    say(f"Stopped on {stop.signal_name} after step {step}; checkpoint saved in "
+        f"{ckpt.directory}/{step}. Run the same command again to resume.")
   return summary(workdir, start_step, step, total, stop.signal_name, history, state)
 
 

@@ -17,10 +17,10 @@ class ConstantImages:
     return {"image": np.full((32, 32), index, np.uint8)}
 
 
-def _dataset(source, **kwargs):
+def _dataset(source, batch_size=8, **kwargs):
   host = (transforms.Greyscale(32),
           transforms.SyntheticLesions(LesionConfig.for_image_size(32), patch_size=8))
-  return pipeline.make_dataset(source, host, batch_size=8, seed=3, **kwargs)
+  return pipeline.make_dataset(source, host, batch_size=batch_size, seed=3, **kwargs)
 
 
 def test_batches_are_small_dtypes_and_constant_images_use_the_fallback_texture():
@@ -33,18 +33,27 @@ def test_batches_are_small_dtypes_and_constant_images_use_the_fallback_texture()
   assert (batch["x_slm"] >= batch["x_clean"]).all()
 
 
-def test_processes_read_disjoint_halves_and_each_pass_is_reshuffled():
-  seen = []
-  for process in range(2):
-    it = iter(_dataset(ConstantImages(), process_index=process, process_count=2))
-    first_pass = [b["x_clean"][:, 0, 0] for b in (next(it) for _ in range(4))]
-    second_pass = [b["x_clean"][:, 0, 0] for b in (next(it) for _ in range(4))]
-    values = np.concatenate(first_pass)
-    assert len(set(values)) == 32  # one pass = this process's 32 examples, once each
-    assert sorted(values) == sorted(np.concatenate(second_pass))
-    assert not np.array_equal(values, np.concatenate(second_pass))
-    seen.append(set(values))
-  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 64
+def _passes(process_index, process_count, batch_size=8):
+  """The first two passes over the 64 examples, as seen by one process."""
+  it = iter(_dataset(ConstantImages(), process_index=process_index,
+                     process_count=process_count, batch_size=batch_size))
+  batches = 64 // process_count // batch_size
+  return [np.concatenate([next(it)["x_clean"][:, 0, 0] for _ in range(batches)])
+          for _ in range(2)]
+
+
+def test_processes_read_disjoint_halves_of_one_global_stream():
+  one = _passes(0, 1)
+  two = [_passes(p, 2) for p in range(2)]
+  for n in range(2):
+    halves = [set(two[p][n]) for p in range(2)]
+    assert len(halves[0]) == len(halves[1]) == 32 and not halves[0] & halves[1]
+    assert halves[0] | halves[1] == set(range(64))
+    # Global batch k is the same set of examples whatever the process count.
+    for k in range(8):
+      global_batch = set(one[n][8 * k:8 * k + 8])
+      assert global_batch == set(two[0][n][4 * k:4 * k + 4]) | set(two[1][n][4 * k:4 * k + 4])
+  assert not np.array_equal(np.sort(one[0][:8]), np.sort(one[1][:8]))  # reshuffled
 
 
 def test_iterator_state_restores_the_exact_stream():

@@ -310,17 +310,15 @@ def test_render_grid(split):
 
 
 def test_preview_main_writes_png(tmp_path):
-  from absl import flags
+  import os
+  import subprocess
+  import sys
   import cv2
-  from anatjax.data import preview
 
   out = tmp_path / "grid.png"
-  if "out" not in flags.FLAGS:
-    preview._define_flags()
-  flags.FLAGS(["preview", f"--out={out}", "--n=2", "--image_size=48", "--split=labelled"])
-  try:
-    preview.main(["preview"])
-  finally:
-    flags.FLAGS.unparse_flags()
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, "-m", "anatjax.data.preview", f"--out={out}", "--n=2",
+                  "--image_size=48", "--split=labelled"], cwd=repo, check=True,
+                 timeout=120)
   img = cv2.imread(str(out))
   assert img is not None and img.shape[1] == 2 * (2 * 48 + 2)

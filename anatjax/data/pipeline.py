@@ -12,22 +12,26 @@ import grain
 
 def make_dataset(source, host_transforms, *, batch_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1,
-                 num_workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
-  """The per-process dataset of batches of `batch_size` (this process's share).
+                 num_workers: int = 0, prefetch: int = 2,
+                 start_batch: int = 0) -> grain.IterDataset:
+  """This process's dataset of batches of `batch_size` (its share of the global batch).
 
-  Each process reads a disjoint slice of the source. The order is reshuffled on every
-  pass (`repeat` reseeds), and random transforms get a generator derived from `seed` and
-  the example's position in the endless stream, so every pass draws fresh randomness.
+  One global stream is defined for every process count: the source shuffled (reshuffled
+  on every pass, since `repeat` reseeds) and transformed with per-example generators
+  derived from `seed` and the example's position in that stream. Process p of P takes
+  positions p, p + P, p + 2P, ... (disjoint examples; only those are ever loaded or
+  transformed), so global batch k holds the same examples with the same random lesions
+  whatever the number of processes: a run can move to another process count, and
+  `start_batch` starts this process's share of the stream at global batch `start_batch`.
   """
-  ds = grain.MapDataset.source(source)
-  ds = ds[process_index::process_count]
-  ds = ds.seed(seed).shuffle().repeat()
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   for transform in host_transforms:
     if isinstance(transform, grain.transforms.RandomMap):
       ds = ds.random_map(transform)
     else:
       ds = ds.map(transform)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
+  ds = ds[start_batch:]
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
   if num_workers > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(

@@ -1,0 +1,86 @@
+"""Downstream evaluation of a pretrained encoder on the embedded synthetic radiographs.
+
+`evaluate(config, init, workdir)` runs one protocol (configs/eval/<protocol>.py) on the
+encoder named by `init` ('random', a training run's directory, or a weights file) and
+writes WORKDIR/results.json, results.md, splits/ and figures/. The command line is
+`python -m anatjax.evaluate` (anatjax/evaluate/__main__.py).
+
+Protocols (one module each):
+  cxr_probe     multi-label finding classification from 1 / 10 / 100 % of the labels:
+                linear probe on frozen features and full fine-tuning   (probes.py)
+  localisation  finding maps (Grad-CAM, token evidence) of a classifier trained on
+                image-level labels, against the true masks and boxes     (localisation.py)
+  anatomy       anatomy in frozen patch tokens: token probe mIoU, k-means NMI and
+                silhouette                                               (anatomy.py)
+Everything is a function of the config's seeds: the same command gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from anatjax.evaluate import anatomy, data, features, localisation, probes, report
+
+PROTOCOLS = {
+    "cxr_probe": (probes.run_protocol, data.FINDING_NAMES),
+    "localisation": (localisation.run_protocol, data.FINDING_NAMES),
+    "anatomy": (anatomy.run_protocol, data.ANATOMY_NAMES),
+}
+
+
+class SetupError(ValueError):
+  """A bad --init, protocol, image size or data source: reported in one line."""
+
+
+def evaluate(config, init: str, workdir: str, step: int | None = None, log=print) -> dict:
+  """Runs config.protocol on the `init` encoder; writes and returns the results."""
+  if config.protocol not in PROTOCOLS:
+    raise SetupError(f"config protocol={config.protocol!r}: use one of {sorted(PROTOCOLS)}")
+  run_protocol, classes = PROTOCOLS[config.protocol]
+  seconds = {}
+  start = time.perf_counter()
+  try:
+    encoder = features.load_encoder(init, config, step)
+    size = features.eval_image_size(encoder, config)
+  except (ValueError, FileNotFoundError) as e:
+    raise SetupError(str(e)) from e
+  seconds["encoder"] = time.perf_counter() - start
+  os.makedirs(workdir, exist_ok=True)
+  log(f"{config.protocol}: {encoder.info['kind']} encoder ({encoder.info['variant']}, depth "
+      f"{encoder.depth}) at {size} px")
+  if size != encoder.image_size:
+    log(f"  note: the encoder was trained at {encoder.image_size} px, evaluated at {size} px")
+  tick = time.perf_counter()
+  try:
+    splits = data.load_splits(config.data, size)
+  except ValueError as e:
+    raise SetupError(str(e)) from e
+  seconds["data"] = time.perf_counter() - tick
+  tick = time.perf_counter()
+  out = run_protocol(config, encoder, splits, workdir, log=log)
+  seconds["protocol"] = time.perf_counter() - tick
+  seconds["total"] = time.perf_counter() - start
+  init_name = "random" if init == "random" else os.path.abspath(init)
+  records = [{"protocol": config.protocol, "init": init_name, **r} for r in out["records"]]
+  for r in records:   # 'cls' inside the code; 'class' in the file
+    r["class"] = r.pop("cls")
+  results = {
+      "protocol": config.protocol,
+      "init": init_name,
+      "encoder": encoder.info,
+      "seeds": [int(s) for s in config.seeds],
+      "classes": list(classes),
+      "data": {"source": config.data.source, "source_seed": config.data.source_seed,
+               "image_size": size, "num_train": config.data.num_train,
+               "num_val": config.data.num_val, "num_test": config.data.num_test},
+      "config": config.to_dict(),
+      "records": records,
+      "notes": out["notes"],
+      "seconds": seconds,
+  }
+  results["figures"] = report.write_figures(workdir, config.protocol, out["figures"],
+                                            results)
+  report.write_results(workdir, results)
+  report.write_markdown(workdir, results)
+  return results

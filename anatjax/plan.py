@@ -1,0 +1,105 @@
+"""Capacity planning without the hardware: per-device memory of a train step on a mesh.
+
+  python -m anatjax.plan --config=configs/afire_vitb.py --devices=64 \
+      --config.mesh.fsdp=8 --config.batch_size=1024
+
+Compiles the real train step ahead of time for `--devices` simulated CPU devices and the
+config's mesh, and prints what each device holds: parameters, optimiser state and method
+state (from the sharding rules) and the step's temporaries (activations and workspace,
+from the compiled executable). CPU memory layouts are close to, not identical with, GPU/TPU
+ones (fusion and padding differ): use it to choose between data parallelism and FSDP and
+to size the batch, then confirm with `python -m anatjax.benchmark` on the target.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+
+def _simulated_devices(argv) -> int:
+  """--devices=N, read before JAX starts (the CPU device count is fixed at start-up)."""
+  for arg in argv:
+    match = re.fullmatch(r"--devices=(\d+)", arg)
+    if match:
+      return int(match.group(1))
+  return 8
+
+
+if __name__ == "__main__":
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["JAX_NUM_CPU_DEVICES"] = str(_simulated_devices(sys.argv))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from anatjax import sharding, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The recipe to plan.",
+                                          lock_config=True)
+flags.DEFINE_integer("devices", 8, "Simulated devices (the mesh may use fewer).")
+flags.mark_flags_as_required(["config"])
+
+
+def shard_bytes(abstract, shardings) -> int:
+  """Bytes one device holds of a tree placed by `shardings`."""
+  total = 0
+  for leaf, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    shape = s.shard_shape(leaf.shape)
+    total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def batch_spec(config, source, method):
+  """The global batch's shapes, from one example through the method's host transforms."""
+  example = source[0]
+  rng = np.random.default_rng(0)
+  for t in method.host_transforms:
+    example = t.random_map(example, rng) if hasattr(t, "random_map") else t.map(example)
+  return {k: jax.ShapeDtypeStruct((config.batch_size,) + np.shape(v), np.asarray(v).dtype)
+          for k, v in example.items()}
+
+
+def plan(config) -> dict:
+  """Bytes per device: params, opt_state, method_state, temporaries, total."""
+  source, _, method = train.build(config)
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = jax.eval_shape(train.state_initializer(method), jax.random.key(0))
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  batch = batch_spec(config, source, method)
+  step = train.make_train_step(method, jax.random.key(0), config.grad_accum_steps, mesh)
+  compiled = jax.jit(
+      step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.NamedSharding(mesh, sharding.P())),
+      donate_argnums=0).lower(abstract, batch).compile()
+  memory = compiled.memory_analysis()
+  result = {key: shard_bytes(abstract[key], shardings[key])
+            for key in ("params", "opt_state", "method_state")}
+  result["batch"] = shard_bytes(batch, jax.tree.map(
+      lambda _: sharding.batch_sharding(mesh), batch))
+  result["temporaries"] = memory.temp_size_in_bytes
+  result["total"] = sum(result.values())
+  result["mesh"] = dict(mesh.shape)
+  return result
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  result = plan(config)
+  mib = 2 ** 20
+  print(f"{config.method} {config.model.variant} at {config.data.image_size} px, global "
+        f"batch {config.batch_size}, grad_accum_steps={config.grad_accum_steps}, "
+        f"model.dtype={config.model.dtype}, model.remat={config.model.remat}, "
+        f"mesh {result['mesh']}:")
+  for key in ("params", "opt_state", "method_state", "batch", "temporaries", "total"):
+    print(f"  {key:13} {result[key] / mib:10.1f} MiB per device")
+
+
+if __name__ == "__main__":
+  app.run(main)

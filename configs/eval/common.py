@@ -1,0 +1,62 @@
+"""The fields every evaluation config shares (configs/eval/<protocol>.py build on them).
+
+Arguments every protocol takes (after the colon, comma-separated):
+  variant=B/16   the encoder built for --init=random or a weights file (a run's own
+                 config says what its encoder is)
+  num_seeds=N    seeds 0..N-1 (label subsets, probe/fine-tune/k-means randomness)
+  runlocal       a small run for 2 CPU cores: Ti/8 (4 blocks) at 64 px, the size of
+                 configs/afire_vitb.py:runlocal, few hundred images
+  tiny           the smallest run that exercises everything (tests; numbers meaningless)
+"""
+
+import ml_collections
+
+from anatjax.config import parse_arg
+
+
+def base_config(protocol: str, arg, **extra_args):
+  """(config, parsed arguments): the shared fields at the full (accelerator) size."""
+  arg = parse_arg(arg, variant="B/16", num_seeds=1, runlocal=False, tiny=False, **extra_args)
+  c = ml_collections.ConfigDict()
+  c.protocol = protocol
+  c.seed = 0                     # the random encoder's initialisation (--init=random)
+  c.seeds = tuple(range(arg.num_seeds))
+  c.which = "teacher"            # which encoder of a run / a teacher-student file
+  c.batch_size = 128             # feature extraction and evaluation batch
+
+  # The encoder for --init=random or a weights file; a run's checkpoint brings its own.
+  c.model = dict(variant=arg.variant, depth=0, channels=3, image_size=224, dtype="auto")
+  c.data = dict(
+      source="synthetic_cxr",
+      source_seed=0,             # which synthetic patients (the "labelled" split)
+      image_size=0,              # 0: the encoder's own (pre)training size
+      num_train=8000, num_val=1000, num_test=1000,   # disjoint index ranges, in order
+      subsets_dir="",            # read label subsets (split files) from here
+  )
+  # Linear probes on frozen features (also the token probe and the localisation probe).
+  c.linear = dict(features="mean", steps=1000, batch_size=1024, lr=3e-3,
+                  weight_decays=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
+  # Full fine-tuning: AdamW, lr = base_lr x batch / 256, warm-up then cosine, layer decay.
+  c.finetune = dict(epochs=10, min_steps=100, batch_size=64, base_lr=1e-3,
+                    warmup_fraction=0.1, layer_decay=0.75, weight_decay=0.05, num_evals=5)
+
+  if arg.runlocal or arg.tiny:
+    c.batch_size = 64
+    c.model.variant = "Ti/8"
+    c.model.depth = 4
+    c.model.image_size = 64
+    c.data.num_train, c.data.num_val, c.data.num_test = 512, 256, 512
+    c.linear.steps = 300
+    c.linear.batch_size = 256
+    c.finetune.update(epochs=6, min_steps=24, batch_size=32, num_evals=3)
+  if arg.tiny:
+    c.batch_size = 32
+    c.model.variant = "mu/8"
+    c.model.depth = 0
+    c.model.image_size = 32
+    c.data.num_train, c.data.num_val, c.data.num_test = 96, 48, 64
+    c.linear.steps = 40
+    c.linear.batch_size = 64
+    c.linear.weight_decays = (1e-4, 1e-2)
+    c.finetune.update(epochs=1, min_steps=4, batch_size=16, num_evals=2)
+  return c, arg
