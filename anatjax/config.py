@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 
 import ml_collections
 
@@ -115,12 +116,13 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: Mapping, sep: str = ".", prefix: str = "") -> dict:
+  """Nested mappings -> {'a.b.c': leaf} (joined by `sep`)."""
   out = {}
   for key, value in tree.items():
     path = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(flatten(value, path + "."))
+    if isinstance(value, Mapping):
+      out.update(flatten(value, sep, path + sep))
     else:
       out[path] = value
   return out

@@ -193,23 +193,21 @@ def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
   records += summarise(score_split(test, lambda i, c: prior[c], tolerance), prior_thresholds,
                        method="prior", seed=None, label_fraction=float(cfg.label_fraction))
 
-  feats = None
+  feats = {s.name: features_lib.extract(encoder, s.images, bs)["mean"] for s in (train, val)}
+  stats = probes.norm_stats(feats["train"])
   for seed in config.seeds:
     positions = data_lib.label_subset(len(train), cfg.label_fraction, int(seed))
+    head = probes.fit_linear(feats["train"], train.findings, positions, feats["val"],
+                             val.findings, stats=stats, cfg=config.linear, seed=int(seed))
     for kind in cfg.classifiers:
       if kind == "linear":
-        if feats is None:
-          feats = {s.name: features_lib.extract(encoder, s.images, bs)["mean"]
-                   for s in (train, val)}
-        head = probes.fit_linear(feats["train"], train.findings, positions, feats["val"],
-                                 val.findings, stats=probes.norm_stats(feats["train"]),
-                                 cfg=config.linear, seed=int(seed))
         classifier = probes.linear_classifier(encoder, head)
       elif kind == "finetune":
+        init = head if probes.probe_init(config.finetune) else None
         classifier, _ = probes.finetune(encoder, train.images[positions],
                                         train.findings[positions], val.images,
                                         val.findings, cfg=config.finetune, seed=int(seed),
-                                        eval_batch_size=bs)
+                                        eval_batch_size=bs, stats=stats, init_head=init)
       else:
         raise ValueError(f"config localisation.classifiers: unknown {kind!r}; use "
                          "'linear', 'finetune'")

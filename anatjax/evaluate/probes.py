@@ -211,21 +211,21 @@ def finetune_optimizer(params, depth: int, layer_decay: float,
 
 @functools.lru_cache(maxsize=4)
 def finetune_step(encoder, layer_decay: float, weight_decay: float, num_classes: int):
-  """(optimizer, jit (params, opt_state, images, labels, lr) -> params, opt_state, loss),
-  cached per encoder and hyper-parameters so that label fractions and seeds share it."""
+  """(optimizer, jit (params, opt_state, stats, images, labels, lr) -> params, opt_state,
+  loss), cached per encoder and hyper-parameters so label fractions and seeds share it."""
   shapes = {"encoder": encoder.params,
             "head": {"w": np.zeros((encoder.width, num_classes), np.float32),
                      "b": np.zeros((num_classes,), np.float32)}}
   tx = finetune_optimizer(shapes, encoder.depth, layer_decay, weight_decay)
 
-  def loss_fn(params, x, y):
+  def loss_fn(params, stats, x, y):
     pooled = jnp.mean(encoder.tokens(params["encoder"], x)[:, 1:], axis=1)
-    logits = pooled @ params["head"]["w"] + params["head"]["b"]
+    logits = ((pooled - stats["mu"]) / stats["sd"]) @ params["head"]["w"] + params["head"]["b"]
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y))
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, x, y, lr):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+  def train_step(params, opt_state, stats, x, y, lr):
+    loss, grads = jax.value_and_grad(loss_fn)(params, stats, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: lr * u, updates)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -242,44 +242,51 @@ def batch_order(count: int, steps: int, batch_size: int, seed: int) -> np.ndarra
 
 
 def finetune(encoder, images, labels, val_images, val_labels, *, cfg, seed: int,
-             eval_batch_size: int) -> tuple[PooledClassifier, dict]:
-  """Fine-tunes encoder + head end to end on (images, labels); returns the classifier at
-  the evaluation point with the best validation mean AUROC, and a log of the run."""
+             eval_batch_size: int, stats, init_head: LinearHead | None = None
+             ) -> tuple[PooledClassifier, dict]:
+  """Fine-tunes encoder + head end to end on (images, labels).
+
+  The head reads the mean patch token standardised by `stats` (the frozen encoder's train
+  statistics, held fixed): pooled tokens of near-identical radiographs differ little in
+  absolute terms, and an unscaled head barely learns in a short run. With `init_head`
+  (cfg.head_init='probe') the head starts at the linear probe's solution (LP-FT) and
+  step 0 is a candidate, so a run that never beats the probe on validation returns it.
+  Returns the classifier at the evaluation with the best validation mean AUROC, and a log.
+  """
   num_classes = labels.shape[1]
   batch = int(cfg.batch_size)
   steps_per_epoch = -(-len(images) // batch)
   total = max(int(cfg.min_steps), int(cfg.epochs * steps_per_epoch))
+  head = ({"w": jnp.array(init_head.w), "b": jnp.array(init_head.b)} if init_head is not None
+          else {"w": jnp.zeros((encoder.width, num_classes)), "b": jnp.zeros((num_classes,))})
   # Copies: the train step donates its inputs, and the encoder's own weights must survive.
-  params = {"encoder": jax.tree.map(jnp.array, encoder.params),
-            "head": {"w": jnp.zeros((encoder.width, num_classes)),
-                     "b": jnp.zeros((num_classes,))}}
+  params = {"encoder": jax.tree.map(jnp.array, encoder.params), "head": head}
+  fixed = {"mu": jnp.asarray(stats[0]), "sd": jnp.asarray(stats[1])}
   tx, train_step = finetune_step(encoder, float(cfg.layer_decay), float(cfg.weight_decay),
                                  num_classes)
   opt_state = tx.init(params)
   schedule = lr_schedule(cfg, total, batch)
 
   def classifier(p):
-    head = {"w": p["head"]["w"], "b": p["head"]["b"],
-            "mu": jnp.zeros((encoder.width,)), "sd": jnp.ones((encoder.width,))}
-    return PooledClassifier(encoder, p["encoder"], head, "finetune")
+    return PooledClassifier(encoder, p["encoder"], {**p["head"], **fixed}, "finetune")
 
   names = [str(i) for i in range(num_classes)]
   eval_at = set(np.unique(np.linspace(total / cfg.num_evals, total, cfg.num_evals)
                           .round().astype(int)).tolist())
+  if init_head is not None:
+    eval_at.add(0)
   order = batch_order(len(images), total, batch, seed)
   labels = np.asarray(labels, np.float32)
   best, best_score, log = None, -np.inf, {"steps": total, "evals": []}
-  val_model = classifier(params)
-  for step in range(1, total + 1):
-    rows = order[step - 1]
-    params, opt_state, loss = train_step(params, opt_state, images[rows], labels[rows],
-                                         np.float32(schedule(step - 1)))
+  loss = math.nan
+  for step in range(total + 1):
+    if step:
+      rows = order[step - 1]
+      params, opt_state, loss = train_step(params, opt_state, fixed, images[rows],
+                                           labels[rows], np.float32(schedule(step - 1)))
     if step in eval_at:
-      val_model.params, val_model.head["w"], val_model.head["b"] = (
-          params["encoder"], params["head"]["w"], params["head"]["b"])
-      score = metrics.multilabel_auroc(val_labels, val_model.logits(val_images,
-                                                                     eval_batch_size),
-                                       names)["mean"]
+      val_logits = classifier(params).logits(val_images, eval_batch_size)
+      score = metrics.multilabel_auroc(val_labels, val_logits, names)["mean"]
       log["evals"].append({"step": step, "loss": float(loss), "val_auroc": score})
       if best is None or (not math.isnan(score) and score > best_score):
         best, best_score = jax.tree.map(lambda a: np.array(a, copy=True), params), score
@@ -298,6 +305,13 @@ def auroc_records(result: dict, **fields) -> list[dict]:
   return out
 
 
+def probe_init(cfg) -> bool:
+  """Whether fine-tuning starts from the linear probe's head (cfg.head_init)."""
+  if cfg.head_init not in ("probe", "zeros"):
+    raise ValueError(f"config finetune.head_init={cfg.head_init!r}: use 'probe' or 'zeros'")
+  return cfg.head_init == "probe"
+
+
 def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
   """Linear probe and/or fine-tuning at each label fraction and seed; test AUROC."""
   train, val, test = splits["train"], splits["val"], splits["test"]
@@ -307,6 +321,8 @@ def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
   kind = config.linear.features
   x = {n: features_lib.pooled(f, kind) for n, f in feats.items()}
   stats = norm_stats(x["train"])
+  # Fine-tuning pools the mean patch token, whatever the linear probe reads.
+  mean_stats = norm_stats(feats["train"]["mean"])
   records, notes, runs = [], [], []
   for seed in config.seeds:
     for fraction in config.label_fractions:
@@ -321,25 +337,39 @@ def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
         count = f"{len(positions)} image" + ("s" if len(positions) != 1 else "")
         notes.append(f"seed {seed}, {100 * fraction:g}% labels ({count}): "
                      f"no positive or no negative example of {', '.join(absent)}")
+      heads = {}
+
+      def linear_head(feature_kind):
+        if feature_kind not in heads:
+          xs = {n: features_lib.pooled(f, feature_kind) for n, f in feats.items()}
+          heads[feature_kind] = fit_linear(
+              xs["train"], train.findings, positions, xs["val"], val.findings,
+              stats=stats if feature_kind == kind else mean_stats, cfg=config.linear,
+              seed=int(seed))
+        return heads[feature_kind]
+
       for mode in config.modes:
         if mode == "linear":
-          head = fit_linear(x["train"], train.findings, positions, x["val"], val.findings,
-                            stats=stats, cfg=config.linear, seed=int(seed))
+          head = linear_head(kind)
           scores = head.logits(x["test"])
           extra = {"weight_decay": head.weight_decay, "val_auroc": head.val_score,
                    "features": kind}
         elif mode == "finetune":
+          init = linear_head("mean") if probe_init(config.finetune) else None
           model, ft_log = finetune(encoder, train.images[positions],
                                    train.findings[positions], val.images, val.findings,
-                                   cfg=config.finetune, seed=int(seed), eval_batch_size=bs)
+                                   cfg=config.finetune, seed=int(seed), eval_batch_size=bs,
+                                   stats=mean_stats, init_head=init)
           scores = model.logits(test.images, bs)
           extra = {"best_step": ft_log.get("best_step"), "steps": ft_log["steps"],
-                   "val_auroc": ft_log["best_val_auroc"]}
+                   "val_auroc": ft_log["best_val_auroc"],
+                   "head_init": config.finetune.head_init}
         else:
           raise ValueError(f"config modes: unknown mode {mode!r}; use 'linear', 'finetune'")
         result = metrics.multilabel_auroc(test.findings, scores, names)
         log(f"  {mode:8s} seed {seed} {100 * fraction:5g}% labels: test mean AUROC "
-            f"{result['mean']:.4f}")
+            f"{result['mean']:.4f}" + (f" (best step {extra['best_step']}/{extra['steps']})"
+                                       if mode == "finetune" else ""))
         records += auroc_records(result, method=mode, **common, **extra)
         runs.append({"method": mode, "seed": int(seed), "label_fraction": float(fraction),
                      "mean_auroc": result["mean"]})

@@ -31,6 +31,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from anatjax import config as config_lib
 from anatjax.export import vit as vit_table
 
 FORMAT_VERSION = 1
@@ -49,16 +50,9 @@ class WeightsFileError(ValueError):
 
 
 # ------------------------------------------------------------------ trees
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  """Nested dicts -> {'a/b/c': leaf}."""
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, path + "/"))
-    else:
-      flat[path] = value
-  return flat
+def flatten(tree: Mapping) -> dict[str, Any]:
+  """Nested dicts -> {'a/b/c': leaf}, the paths the tables use."""
+  return config_lib.flatten(tree, sep="/")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
