@@ -33,18 +33,20 @@ from anatjax.data import pipeline, transforms
 from anatjax.methods.afire import normalize
 from anatjax.models.vit import ViT, parse_variant
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/afire_vitb.py", "The recipe whose train step is measured.",
-    lock_config=True)
-_VARIANT = flags.DEFINE_string("variant", None, "ViT variant (default: the config's).")
-_BATCH = flags.DEFINE_integer("batch", 8, "Batch size of the measured steps.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds (median taken).")
-_STEPS = flags.DEFINE_integer("steps", 2, "Steps per timing round.")
-_WORKERS = flags.DEFINE_integer("workers", None, "Grain workers (default: the config's).")
-_HOST_IMAGES = flags.DEFINE_integer("host_images", 200, "Images per host measurement.")
-_DECODE_SIZE = flags.DEFINE_integer("decode_size", 1024,
-                                    "Side of the encoded JPEG/PNG images decoded.")
-_OUT = flags.DEFINE_string("out", None, "Write the measurements to this JSON file.")
+def define_flags():
+  """The command's flags (defined only when run as a command, so that importing this
+  module next to other commands does not clash over names like --config)."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/afire_vitb.py", "The recipe whose train step is measured.",
+      lock_config=True)
+  flags.DEFINE_string("variant", None, "ViT variant (default: the config's).")
+  flags.DEFINE_integer("batch", 8, "Batch size of the measured steps.")
+  flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds (median taken).")
+  flags.DEFINE_integer("steps", 2, "Steps per timing round.")
+  flags.DEFINE_integer("workers", None, "Grain workers (default: the config's).")
+  flags.DEFINE_integer("host_images", 200, "Images per host measurement.")
+  flags.DEFINE_integer("decode_size", 1024, "Side of the encoded JPEG/PNG images decoded.")
+  flags.DEFINE_string("out", None, "Write the measurements to this JSON file.")
 
 
 def timed(fn, repeats_out: list):
@@ -236,22 +238,22 @@ def run(config, *, batch: int, repeats: int, steps: int, workers: int, host_imag
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  args = flags.FLAGS
+  config = args.config
   config.unlock()
-  if _VARIANT.value:
-    config.model.variant = _VARIANT.value
+  if args.variant:
+    config.model.variant = args.variant
     config.model.depth = 0
-  config.batch_size = _BATCH.value
+  config.batch_size = args.batch
   config.mesh.data, config.mesh.fsdp = 1, 1
-  results = run(config, batch=_BATCH.value, repeats=_REPEATS.value, steps=_STEPS.value,
-                workers=(config.data.num_workers if _WORKERS.value is None
-                         else _WORKERS.value),
-                host_images=_HOST_IMAGES.value, decode_size=_DECODE_SIZE.value)
+  results = run(config, batch=args.batch, repeats=args.repeats, steps=args.steps,
+                workers=(config.data.num_workers if args.workers is None else args.workers),
+                host_images=args.host_images, decode_size=args.decode_size)
   print(format_table(results))
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if args.out:
+    with open(args.out, "w") as f:
       json.dump(results, f, indent=1)
-    print(f"Wrote {_OUT.value}")
+    print(f"Wrote {args.out}")
 
 
 def format_table(results) -> str:
@@ -271,4 +273,5 @@ def format_table(results) -> str:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

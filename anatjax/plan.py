@@ -41,13 +41,14 @@ from ml_collections import config_flags
 
 from anatjax import sharding, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The recipe to plan.",
-                                          lock_config=True)
-flags.DEFINE_integer("devices", 8, "Simulated devices (the mesh may use fewer).")
-_COMPILE = flags.DEFINE_bool(
-    "compile", True, "Compile the step for its temporaries; without, only the state "
-    "and batch shares (exact, from the sharding rules, and fast).")
-flags.mark_flags_as_required(["config"])
+def define_flags():
+  """The command's flags (defined only when run as a command; see benchmark.py)."""
+  config_flags.DEFINE_config_file("config", None, "The recipe to plan.", lock_config=True)
+  flags.DEFINE_integer("devices", 8, "Simulated devices (the mesh may use fewer).")
+  flags.DEFINE_bool(
+      "compile", True, "Compile the step for its temporaries; without, only the state "
+      "and batch shares (exact, from the sharding rules, and fast).")
+  flags.mark_flags_as_required(["config"])
 
 
 def shard_bytes(abstract, shardings) -> int:
@@ -95,8 +96,8 @@ def plan(config, compile_step: bool = True) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  result = plan(config, _COMPILE.value)
+  config = flags.FLAGS.config
+  result = plan(config, flags.FLAGS.compile)
   mib = 2 ** 20
   print(f"{config.method} {config.model.variant} at {config.data.image_size} px, global "
         f"batch {config.batch_size}, grad_accum_steps={config.grad_accum_steps}, "
@@ -108,4 +109,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -7,7 +7,10 @@ ground-truth masks and boxes, which training never saw:
   gradient of the class logit averaged over the patch tokens, map = ReLU(A . weights);
 - token evidence: the classifier's own linear head applied to each final patch token
   (the classifier's logit is exactly the mean of this map, so it shows where the
-  classifier's evidence comes from without gradients);
+  classifier's evidence comes from without gradients), minus its average at that
+  position over (up to `baseline_images`) training images: uncentred, the map is
+  dominated by what every image has at a position (the tokens carry their position),
+  so its maximum sits at the same place in every image;
 - a location prior (reference, not an encoder map): the mean training mask of the
   finding, i.e. what knowing only where a finding usually sits scores.
 Token maps are upsampled bilinearly to pixels and min-max normalised per image.
@@ -212,6 +215,9 @@ def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
         raise ValueError(f"config localisation.classifiers: unknown {kind!r}; use "
                          "'linear', 'finetune'")
       maps = {s.name: token_maps(classifier, s.images, bs) for s in (val, test)}
+      baseline = token_maps(classifier, train.images[:cfg.baseline_images], bs)["evidence"]
+      for split_maps in maps.values():
+        split_maps["evidence"] = split_maps["evidence"] - baseline.mean(0)
       common = dict(seed=int(seed), label_fraction=float(cfg.label_fraction))
       auc = metrics.multilabel_auroc(test.findings, maps["test"]["logits"], names)
       records += probes.auroc_records(auc, method=f"{kind}/classifier", **common)

@@ -7,9 +7,11 @@ Two ways to read the encoder, both deterministic given the seed:
   vmapped copy; the weight decay with the best validation mean AUROC is kept. Drawing with
   replacement at a fixed batch size gives one compiled program for every subset size.
 - full fine-tuning: the encoder end to end with a linear head on the mean of the patch
-  tokens, sigmoid BCE, AdamW with warm-up + cosine, layer-wise lr decay; no augmentation
-  (the phantom's patient variation stands in for it); the step with the best validation
-  mean AUROC (checked `num_evals` times) is kept.
+  tokens (standardised by fixed train statistics), sigmoid BCE, AdamW with warm-up +
+  cosine and layer-wise lr decay; the head starts from the linear probe (LP-FT) unless
+  finetune.head_init='zeros'; no augmentation (the phantom's patient variation stands in
+  for it); the evaluation point (step 0 included with LP-FT) with the best validation
+  mean AUROC, of `num_evals`, is kept.
 The linear head is used per token by the localisation protocol and, with a softmax
 loss, by the anatomy protocol's token probe.
 """

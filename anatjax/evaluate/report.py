@@ -343,7 +343,8 @@ def anatomy_examples(examples: list[dict], names, path: str, size: int = 144) ->
 def write_figures(out_dir: str, protocol: str, figures: dict, results: dict) -> list[str]:
   """The protocol's figures under OUT/figures/; returns their paths relative to OUT."""
   fig_dir = os.path.join(out_dir, "figures")
-  init = results["encoder"].get("kind", "")
+  enc = results["encoder"]
+  init = enc.get("method") or enc.get("kind", "")   # afire (a run), random, file
   written = []
   if protocol == "cxr_probe" and figures.get("curves"):
     written.append(auroc_curves(figures["curves"], os.path.join(fig_dir, "auroc_vs_labels.png"),

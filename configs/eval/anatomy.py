@@ -15,9 +15,12 @@ Arguments: variant=, num_seeds=, runlocal, tiny (configs/eval/common.py). Writes
 OUT/results.json, OUT/results.md, OUT/figures/token_embedding.png (PCA of tokens coloured
 by structure) and OUT/figures/anatomy_examples.png.
 
-What to expect from runlocal on 2 CPU cores: under a minute. A random encoder is not at
+What to expect from runlocal on 2 CPU cores: about 25 s. A random encoder is not at
 zero: its tokens carry the fixed sin-cos positions, and position alone predicts much of
-the anatomy of a roughly aligned chest film; compare against that baseline.
+the anatomy of a roughly aligned chest film. Runlocal AFiRe run / random Ti/8: token probe
+mIoU 0.54 / 0.55, k-means NMI 0.39 / 0.41, silhouette of the k-means clusters 0.22 / 0.22.
+At 8-pixel patches of 64 px images the ribs (painted over the lungs) win most lung
+patches, so the lungs' IoU is ~0: compare structures at the resolution you care about.
 """
 
 from configs.eval.common import base_config

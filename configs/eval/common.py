@@ -34,11 +34,13 @@ def base_config(protocol: str, arg, **extra_args):
       subsets_dir="",            # read label subsets (split files) from here
   )
   # Linear probes on frozen features (also the token probe and the localisation probe).
-  c.linear = dict(features="mean", steps=1000, batch_size=1024, lr=3e-3,
-                  weight_decays=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
-  # Full fine-tuning: AdamW, lr = base_lr x batch / 256, warm-up then cosine, layer decay.
+  c.linear = dict(features="mean", steps=1000, batch_size=1024, lr=1e-2,
+                  weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2))
+  # Full fine-tuning: AdamW, lr = base_lr x batch / 256, warm-up then cosine, layer decay;
+  # head_init='probe' starts the head at the linear probe (LP-FT), 'zeros' from scratch.
   c.finetune = dict(epochs=10, min_steps=100, batch_size=64, base_lr=1e-3,
-                    warmup_fraction=0.1, layer_decay=0.75, weight_decay=0.05, num_evals=5)
+                    warmup_fraction=0.1, layer_decay=0.75, weight_decay=0.05, num_evals=5,
+                    head_init="probe")
 
   if arg.runlocal or arg.tiny:
     c.batch_size = 64
@@ -46,7 +48,6 @@ def base_config(protocol: str, arg, **extra_args):
     c.model.depth = 4
     c.model.image_size = 64
     c.data.num_train, c.data.num_val, c.data.num_test = 512, 256, 512
-    c.linear.steps = 300
     c.linear.batch_size = 256
     c.finetune.update(epochs=6, min_steps=24, batch_size=32, num_evals=3)
   if arg.tiny:
