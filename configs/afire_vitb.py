@@ -7,7 +7,7 @@ for the first epoch, 400 epochs of 9 lesion variants per normal image. Without
 `data.source` it trains on the embedded synthetic radiographs (81,117 normal patients,
 the size of the published MIMIC-CXR normal set).
 
-  # a small model on small images, 2 CPU cores, about 2 minutes:
+  # a small model on small images, 2 CPU cores, about 2.5 minutes:
   python -m anatjax.main --config=configs/afire_vitb.py:runlocal
   # the published recipe (accelerators; workdir defaults to workdirs/afire_vitb):
   python -m anatjax.main --config=configs/afire_vitb.py
@@ -20,8 +20,9 @@ of anatjax.models.vit.VARIANTS), runlocal (a 4-block ViT-Ti/8 at 64 px, batch 32
 Durations (duration, optim.warmup, afire.freeze_prototypes, checkpoint.every) take
 '<n>ep' (epochs), '<n>st' (steps) or '<n>ex' (examples).
 
-What to expect from runlocal on 2 CPU cores: ~1 minute of compile and training, the total
-loss falling from ~4.3 to ~3.5, of which the restoration term from ~1 to ~0.2.
+What to expect from runlocal on 2 CPU cores (measured: 2 min 33 s wall, ~50 img/s): the
+total loss falling from ~5.5 to ~3.4, the prototype term (cst) from ~3.2 to ~2.6 and the
+restoration term (rec) from ~2.2 to ~0.8; data wait ~3%.
 """
 
 import ml_collections
