@@ -40,6 +40,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from anatjax import sharding, train
+from anatjax.data import pipeline
 
 def define_flags():
   """The command's flags (defined only when run as a command; see benchmark.py)."""
@@ -62,10 +63,8 @@ def shard_bytes(abstract, shardings) -> int:
 
 def batch_spec(config, source, method):
   """The global batch's shapes, from one example through the method's host transforms."""
-  example = source[0]
-  rng = np.random.default_rng(0)
-  for t in method.host_transforms:
-    example = t.random_map(example, rng) if hasattr(t, "random_map") else t.map(example)
+  example = pipeline.transform_one(source[0], method.host_transforms,
+                                   np.random.default_rng(0))
   return {k: jax.ShapeDtypeStruct((config.batch_size,) + np.shape(v), np.asarray(v).dtype)
           for k, v in example.items()}
 

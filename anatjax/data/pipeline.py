@@ -37,3 +37,14 @@ def make_dataset(source, host_transforms, *, batch_size: int, seed: int,
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=prefetch))
   return iter_ds
+
+
+def transform_one(item, host_transforms, rng):
+  """One source item through the host transforms in this process (no Grain): for tools
+  that need a single example (shapes, per-worker speed)."""
+  for transform in host_transforms:
+    if isinstance(transform, grain.transforms.RandomMap):
+      item = transform.random_map(item, rng)
+    else:
+      item = transform.map(item)
+  return item

@@ -10,18 +10,21 @@ from __future__ import annotations
 from anatjax.config import closest
 from anatjax.data.synthetic_cxr import SyntheticCXR
 
-SOURCES = ("synthetic_cxr",)
+def _synthetic_cxr(data_config, split):
+  if data_config.root:
+    raise ValueError(f"config data.root={data_config.root!r}: the synthetic_cxr source is "
+                     "generated in memory and reads no files; leave data.root empty.")
+  return SyntheticCXR(split=split, image_size=data_config.image_size,
+                      num_examples=data_config.num_examples, seed=data_config.source_seed)
+
+
+# name -> (data config, split) -> source
+SOURCES = {"synthetic_cxr": _synthetic_cxr}
 
 
 def make_source(data_config, split: str = "pretrain"):
   name = data_config.source
   if name not in SOURCES:
     raise ValueError(f"config data.source={name!r} is not a known source; known: "
-                     f"{list(SOURCES)}." + closest(name, SOURCES))
-  if name == "synthetic_cxr":
-    if data_config.root:
-      raise ValueError(f"config data.root={data_config.root!r}: the synthetic_cxr source "
-                       "is generated in memory and reads no files; leave data.root empty.")
-    return SyntheticCXR(split=split, image_size=data_config.image_size,
-                        num_examples=data_config.num_examples, seed=data_config.source_seed)
-  raise AssertionError(name)  # every name in SOURCES is handled above
+                     f"{sorted(SOURCES)}." + closest(name, SOURCES))
+  return SOURCES[name](data_config, split)
