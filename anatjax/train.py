@@ -216,9 +216,6 @@ def train(config, workdir: str) -> dict:
       f"{config.batch_size} ({schedule.total_steps / schedule.steps_per_epoch:.1f} epochs "
       f"of {schedule.steps_per_epoch} steps) on {mesh.size} device(s) "
       f"{dict(mesh.shape)}, workdir {workdir}")
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
 
   # ---------------------------------------------------------------- state
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
@@ -260,6 +257,11 @@ def train(config, workdir: str) -> dict:
                              state_shardings)
       say(f"Initialised the encoder from {config.init_from}.")
 
+  if is_main:  # only now: a refused resume leaves the run's own config.json in place
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
+
+  # ---------------------------------------------------------------- compile + loop
   total = schedule.total_steps
   if start_step >= total:
     iterator.close()
@@ -278,7 +280,6 @@ def train(config, workdir: str) -> dict:
       donate_argnums=0).lower(state, first_batch).compile()
   say(memory_report(compiled))
 
-  # ---------------------------------------------------------------- compile + loop
   checkpoint_every = schedule.steps(config.checkpoint.every, "checkpoint.every")
   meta = {"method": method.name, "config_hash": config_hash,
           "config": json.loads(json.dumps(config.to_dict(), default=str))}

@@ -107,6 +107,8 @@ def test_resume_with_another_config_is_refused(tmp_path):
   changed.afire.student_temp = 0.2
   with pytest.raises(ValueError, match="allow_config_change"):
     train.train(changed, str(tmp_path))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["afire"]["student_temp"] == 0.1  # the run's own config, not the refused one
   changed.allow_config_change = True
   assert train.train(changed, str(tmp_path))["start_step"] == 4
 
