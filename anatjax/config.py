@@ -104,7 +104,8 @@ class Schedule:
 # the state restores onto any mesh, and accumulation gives the same step).
 RUN_CONTROL_KEYS = ("allow_config_change", "log_every", "data.num_workers",
                     "checkpoint.keep", "checkpoint.async_save", "mesh.data", "mesh.fsdp",
-                    "sharding_rules", "grad_accum_steps", "model.remat")
+                    "sharding_rules", "grad_accum_steps", "model.remat",
+                    "profile.start_step", "profile.num_steps")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -83,6 +83,30 @@ class TimedIterator:
     return item
 
 
+class Profiler:
+  """A JAX profiler trace of steps [start_step, start_step + num_steps) (off when
+  num_steps is 0), written to WORKDIR/profile for TensorBoard/XProf, with a Perfetto
+  trace (perfetto_trace.json.gz) that can be read without them."""
+
+  def __init__(self, directory: str, start_step: int, num_steps: int, enabled: bool):
+    self.directory, self.start, self.stop_step = directory, start_step, start_step + num_steps
+    self.enabled, self.running = enabled and num_steps > 0, False
+
+  def at_step(self, step: int) -> None:
+    """Call before running step `step` (0-based)."""
+    if self.enabled and step == self.start and not self.running:
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.running = True
+    elif self.running and step == self.stop_step:
+      self.stop()
+
+  def stop(self) -> None:
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
+      say(f"Wrote a profile of steps {self.start}-{self.stop_step - 1} to {self.directory}")
+
+
 def build(config):
   """(source, schedule, method) for a config; fails on bad names before any compiling."""
   source = sources.make_source(config.data)
@@ -287,6 +311,8 @@ def train(config, workdir: str) -> dict:
   progress = reporting.Progress(total, schedule.steps_per_epoch, config.batch_size,
                                 start_step, enabled=is_main)
   history = []
+  profiler = Profiler(os.path.join(workdir, "profile"), config.profile.start_step,
+                      config.profile.num_steps, enabled=is_main)
 
   def finish_step(step, metrics):
     """Host side of step `step` (1-based count of steps done): check, log."""
@@ -307,6 +333,7 @@ def train(config, workdir: str) -> dict:
   try:
     with stop:
       while step < total:
+        profiler.at_step(step)
         state, metrics = compiled(state, next(batches))
         step += 1
         if pending:  # the previous step's numbers: fetching them does not stall the device
@@ -322,6 +349,7 @@ def train(config, workdir: str) -> dict:
       if pending:
         finish_step(*pending)
   finally:
+    profiler.stop()
     iterator.close()  # stops the Grain workers and frees their shared memory
     ckpt.wait()
     ckpt.close()

@@ -85,6 +85,7 @@ def get_config(arg=None):
   c.mesh = dict(data=-1, fsdp=1)
   c.sharding_rules = ((".*", "fsdp"),)
   c.checkpoint = dict(every="20ep", keep=3, async_save=True)
+  c.profile = dict(start_step=0, num_steps=0)  # num_steps > 0: trace to WORKDIR/profile
 
   if arg.runlocal:
     c.batch_size = 32

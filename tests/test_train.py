@@ -262,3 +262,12 @@ def test_init_from_exported_weights(tmp_path):
   assert_trees_equal(params_of(result)["encoder"], want)
   assert_trees_equal(jax.device_get(result["state"]["method_state"]["teacher"]["encoder"]),
                      want)
+
+
+def test_profile_of_chosen_steps_is_written(tmp_path):
+  config = tiny_config(duration="4st")
+  config.unlock()
+  config.profile.start_step, config.profile.num_steps = 1, 2
+  train.train(config, str(tmp_path))
+  traces = list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
