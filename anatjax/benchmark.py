@@ -96,9 +96,7 @@ def method_bench(config, batch_size: int) -> tuple[DeviceBench, object, object]:
 
 def plain_vit_bench(config, batch) -> DeviceBench:
   """The same encoder with a trivial loss and plain AdamW: the speed to match."""
-  vit = parse_variant(config.model.variant)
-  if config.model.depth:
-    vit["depth"] = config.model.depth
+  vit = parse_variant(config.model.variant, config.model.depth)
   encoder = ViT(**vit, dtype=compute_dtype(config.model.dtype))
   channels = config.model.channels
   images = normalize(jnp.asarray(batch["x_clean"]), channels)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anatjax import config as config_lib
+from anatjax import config as config_lib, export
 from anatjax.methods.afire import normalize
 from anatjax.models.vit import ViT, parse_variant
 
@@ -74,9 +74,7 @@ class Encoder:
 
 def build_vit(model_config) -> ViT:
   """The (unscanned) ViT a config's model block describes."""
-  vit = parse_variant(model_config.variant)
-  if model_config.depth:
-    vit["depth"] = model_config.depth
+  vit = parse_variant(model_config.variant, model_config.depth)
   return ViT(**vit, dtype=config_lib.compute_dtype(model_config.dtype))
 
 
@@ -116,26 +114,13 @@ def run_encoder(workdir: str, which: str = "teacher", step: int | None = None) -
   return Encoder(vit, params, run_config.data.image_size, run_config.model.channels, info)
 
 
-def _import_encoder():
-  """anatjax.export.import_encoder, or None while it does not exist."""
-  try:
-    from anatjax import export  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return getattr(export, "import_encoder", None)
-
-
 def file_encoder(path: str, config) -> Encoder:
   """An encoder of the architecture config.model describes, weights from a file."""
-  import_encoder = _import_encoder()
-  if import_encoder is None:
-    raise ValueError(f"--init={path}: weights files are not supported yet (no "
-                     "anatjax.export.import_encoder); pass a run directory or 'random'.")
   vit = build_vit(config.model)
   size, channels = config.model.image_size, config.model.channels
   target = jax.eval_shape(
       lambda: vit.init(jax.random.key(0), jnp.zeros((1, size, size, channels)))["params"])
-  params = import_encoder(path, target, image_size=size, which=config.which)
+  params = export.import_encoder(path, target, image_size=size, which=config.which)
   info = {"init": os.path.abspath(path), "kind": "file", "which": config.which,
           **_describe(vit, config.model), "image_size": size}
   return Encoder(vit, params, size, channels, info)

@@ -46,9 +46,7 @@ def normalize(images_uint8, channels: int):
 def build_modules(config):
   """The three Flax modules: encoder and head (student and teacher), decoder (student)."""
   model = config.model
-  vit = parse_variant(model.variant)
-  if model.depth:
-    vit["depth"] = model.depth
+  vit = parse_variant(model.variant, model.depth)
   patch = vit["patch_size"]
   if config.data.image_size % patch:
     raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of the "

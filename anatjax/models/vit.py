@@ -28,14 +28,17 @@ VARIANTS = {
 }
 
 
-def parse_variant(variant: str) -> dict:
-  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+def parse_variant(variant: str, depth: int = 0) -> dict:
+  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16).
+
+  `depth` > 0 replaces the variant's number of blocks (configs' `model.depth`).
+  """
   match = re.fullmatch(r"(\w+)/(\d+)", variant)
   if not match or match.group(1) not in VARIANTS:
     raise ValueError(f"ViT variant {variant!r}: expected NAME/PATCH with NAME in "
                      f"{sorted(VARIANTS)}, e.g. 'B/16'.")
-  width, depth, mlp_dim, heads = VARIANTS[match.group(1)]
-  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+  width, variant_depth, mlp_dim, heads = VARIANTS[match.group(1)]
+  return dict(width=width, depth=depth or variant_depth, mlp_dim=mlp_dim, num_heads=heads,
               patch_size=int(match.group(2)))
 
 
