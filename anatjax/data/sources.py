@@ -2,12 +2,14 @@
 
 Each source is a Grain random-access source (`__len__`, `__getitem__`) whose items hold at
 least `image`: a uint8 greyscale [H, W] array. Unknown names and missing data roots fail
-here, before anything compiles.
+here, before anything compiles. Besides the embedded synthetic radiographs, the readers of
+anatjax/data/radiographs.py read real collections from their download folders.
 """
 
 from __future__ import annotations
 
 from anatjax.config import closest
+from anatjax.data import radiographs
 from anatjax.data.synthetic_cxr import SyntheticCXR
 
 def _synthetic_cxr(data_config, split):
@@ -19,7 +21,7 @@ def _synthetic_cxr(data_config, split):
 
 
 # name -> (data config, split) -> source
-SOURCES = {"synthetic_cxr": _synthetic_cxr}
+SOURCES = {"synthetic_cxr": _synthetic_cxr, **radiographs.READERS}
 
 
 def make_source(data_config, split: str = "pretrain"):
