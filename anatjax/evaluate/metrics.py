@@ -3,8 +3,9 @@
 Each function matches scikit-learn's definition and edge cases where scikit-learn has one
 (the tests compare them): AUROC with tied scores, NMI with the arithmetic mean of the
 entropies, silhouette with singleton clusters scored 0. Values that are undefined (AUROC of
-a class with one label value in the evaluated set) are NaN, never a made-up number, and
-the multi-label summary says which classes it left out.
+a class with one label value in the evaluated set, IoU and Dice of a class neither true
+nor predicted) are NaN, never a made-up number, and the summaries say which classes they
+left out.
 """
 
 from __future__ import annotations
@@ -142,6 +143,22 @@ def per_class_iou(confusion: np.ndarray) -> np.ndarray:
 def mean_iou(y_true, y_pred, num_classes: int) -> float:
   """mIoU over the classes present in the labels or the predictions."""
   return float(np.nanmean(per_class_iou(confusion_matrix(y_true, y_pred, num_classes))))
+
+
+def per_class_dice(confusion: np.ndarray) -> np.ndarray:
+  """Dice of each class from a confusion matrix: 2 TP / (2 TP + FP + FN), i.e.
+  scikit-learn's per-class f1_score on the flattened label maps (pixels pooled over
+  every image counted in the matrix).
+
+  NaN for a class neither true nor predicted anywhere: there is no pixel to be right or
+  wrong about (sklearn's zero_division), and a mean should skip it (np.nanmean), not
+  count it as 0 or as 1.
+  """
+  c = np.asarray(confusion, np.float64)
+  inter = np.diag(c)
+  total = c.sum(0) + c.sum(1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1e-300), np.nan)
 
 
 # ------------------------------------------------------------------ clustering

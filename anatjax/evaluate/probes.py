@@ -13,7 +13,8 @@ Two ways to read the encoder, both deterministic given the seed:
   for it); the evaluation point (step 0 included with LP-FT) with the best validation
   mean AUROC, of `num_evals`, is kept.
 The linear head is used per token by the localisation protocol and, with a softmax
-loss, by the anatomy protocol's token probe.
+loss, by the anatomy protocol's token probe; the fine-tuning optimiser and loop
+(`finetune_optimizer`, `fit_keep_best`) also train the segmentation protocol.
 """
 
 from __future__ import annotations
@@ -164,10 +165,11 @@ def linear_classifier(encoder, head: LinearHead) -> PooledClassifier:
 
 # ------------------------------------------------------------------ fine-tuning
 def layer_ids(params: dict, depth: int) -> dict:
-  """0 for the patch embedding and CLS, i + 1 for block i, depth + 1 for the rest."""
+  """0 for the patch embedding and CLS, i + 1 for block i, depth + 1 for the rest of the
+  encoder and everything outside it (a head, a decoder): {"encoder": ..., others}."""
   def layer(path, _):
     keys = [getattr(k, "key", str(k)) for k in path]
-    if keys[0] == "head":
+    if keys[0] != "encoder":
       return depth + 1
     if keys[1] in ("embedding", "cls"):
       return 0
@@ -243,6 +245,42 @@ def batch_order(count: int, steps: int, batch_size: int, seed: int) -> np.ndarra
   return order[:needed].reshape(steps, batch_size)
 
 
+def fit_keep_best(train_step, params, opt_state, *, cfg, count: int, seed: int, validate,
+                  from_start: bool = False) -> tuple[dict, dict]:
+  """The fine-tuning loop classification and segmentation share.
+
+  cfg.epochs over `count` training items (at least cfg.min_steps steps) in seeded batches
+  of cfg.batch_size (`batch_order`), lr warm-up + cosine (`lr_schedule`);
+  train_step(params, opt_state, rows, lr) -> (params, opt_state, loss) takes the batch's
+  positions. validate(params) -> score (higher is better) runs at cfg.num_evals evenly
+  spaced steps, and at step 0 with `from_start`; a host copy of the best is kept (the
+  first evaluation, then only a strictly better, non-NaN score replaces it).
+  Returns (the best params, log {"steps", "evals", "best_step", "best_val"}).
+  """
+  batch = int(cfg.batch_size)
+  total = max(int(cfg.min_steps), int(cfg.epochs * -(-count // batch)))
+  schedule = lr_schedule(cfg, total, batch)
+  order = batch_order(count, total, batch, seed)
+  eval_at = set(np.unique(np.linspace(total / cfg.num_evals, total, cfg.num_evals)
+                          .round().astype(int)).tolist())
+  if from_start:
+    eval_at.add(0)
+  best, best_score, log = None, -np.inf, {"steps": total, "evals": []}
+  loss = math.nan
+  for step in range(total + 1):
+    if step:
+      params, opt_state, loss = train_step(params, opt_state, order[step - 1],
+                                           np.float32(schedule(step - 1)))
+    if step in eval_at:
+      score = validate(params)
+      log["evals"].append({"step": step, "loss": float(loss), "val": score})
+      if best is None or (not math.isnan(score) and score > best_score):
+        best, best_score = jax.tree.map(lambda a: np.array(a, copy=True), params), score
+        log["best_step"] = step
+  log["best_val"] = best_score
+  return jax.tree.map(jnp.asarray, best), log
+
+
 def finetune(encoder, images, labels, val_images, val_labels, *, cfg, seed: int,
              eval_batch_size: int, stats, init_head: LinearHead | None = None
              ) -> tuple[PooledClassifier, dict]:
@@ -253,12 +291,10 @@ def finetune(encoder, images, labels, val_images, val_labels, *, cfg, seed: int,
   absolute terms, and an unscaled head barely learns in a short run. With `init_head`
   (cfg.head_init='probe') the head starts at the linear probe's solution (LP-FT) and
   step 0 is a candidate, so a run that never beats the probe on validation returns it.
-  Returns the classifier at the evaluation with the best validation mean AUROC, and a log.
+  Returns the classifier at the evaluation with the best validation mean AUROC, and the
+  log of `fit_keep_best`.
   """
   num_classes = labels.shape[1]
-  batch = int(cfg.batch_size)
-  steps_per_epoch = -(-len(images) // batch)
-  total = max(int(cfg.min_steps), int(cfg.epochs * steps_per_epoch))
   head = ({"w": jnp.array(init_head.w), "b": jnp.array(init_head.b)} if init_head is not None
           else {"w": jnp.zeros((encoder.width, num_classes)), "b": jnp.zeros((num_classes,))})
   # Copies: the train step donates its inputs, and the encoder's own weights must survive.
@@ -266,45 +302,36 @@ def finetune(encoder, images, labels, val_images, val_labels, *, cfg, seed: int,
   fixed = {"mu": jnp.asarray(stats[0]), "sd": jnp.asarray(stats[1])}
   tx, train_step = finetune_step(encoder, float(cfg.layer_decay), float(cfg.weight_decay),
                                  num_classes)
-  opt_state = tx.init(params)
-  schedule = lr_schedule(cfg, total, batch)
 
   def classifier(p):
     return PooledClassifier(encoder, p["encoder"], {**p["head"], **fixed}, "finetune")
 
   names = [str(i) for i in range(num_classes)]
-  eval_at = set(np.unique(np.linspace(total / cfg.num_evals, total, cfg.num_evals)
-                          .round().astype(int)).tolist())
-  if init_head is not None:
-    eval_at.add(0)
-  order = batch_order(len(images), total, batch, seed)
+
+  def validate(p):
+    val_logits = classifier(p).logits(val_images, eval_batch_size)
+    return metrics.multilabel_auroc(val_labels, val_logits, names)["mean"]
+
   labels = np.asarray(labels, np.float32)
-  best, best_score, log = None, -np.inf, {"steps": total, "evals": []}
-  loss = math.nan
-  for step in range(total + 1):
-    if step:
-      rows = order[step - 1]
-      params, opt_state, loss = train_step(params, opt_state, fixed, images[rows],
-                                           labels[rows], np.float32(schedule(step - 1)))
-    if step in eval_at:
-      val_logits = classifier(params).logits(val_images, eval_batch_size)
-      score = metrics.multilabel_auroc(val_labels, val_logits, names)["mean"]
-      log["evals"].append({"step": step, "loss": float(loss), "val_auroc": score})
-      if best is None or (not math.isnan(score) and score > best_score):
-        best, best_score = jax.tree.map(lambda a: np.array(a, copy=True), params), score
-        log["best_step"] = step
-  log["best_val_auroc"] = best_score
-  return classifier(jax.tree.map(jnp.asarray, best)), log
+  best, log = fit_keep_best(
+      lambda p, s, rows, lr: train_step(p, s, fixed, images[rows], labels[rows], lr),
+      params, tx.init(params), cfg=cfg, count=len(images), seed=seed, validate=validate,
+      from_start=init_head is not None)
+  return classifier(best), log
 
 
 # ------------------------------------------------------------------ the protocol
-def auroc_records(result: dict, **fields) -> list[dict]:
+def class_records(result: dict, metric: str, **fields) -> list[dict]:
   """{'mean', 'per_class', 'excluded'} -> one record for the mean and one per class."""
-  out = [dict(fields, metric="auroc", cls="mean", value=result["mean"],
+  out = [dict(fields, metric=metric, cls="mean", value=result["mean"],
               excluded=result["excluded"])]
-  out += [dict(fields, metric="auroc", cls=name, value=value)
+  out += [dict(fields, metric=metric, cls=name, value=value)
           for name, value in result["per_class"].items()]
   return out
+
+
+def auroc_records(result: dict, **fields) -> list[dict]:
+  return class_records(result, "auroc", **fields)
 
 
 def probe_init(cfg) -> bool:
@@ -364,7 +391,7 @@ def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
                                    stats=mean_stats, init_head=init)
           scores = model.logits(test.images, bs)
           extra = {"best_step": ft_log.get("best_step"), "steps": ft_log["steps"],
-                   "val_auroc": ft_log["best_val_auroc"],
+                   "val_auroc": ft_log["best_val"],
                    "head_init": config.finetune.head_init}
         else:
           raise ValueError(f"config modes: unknown mode {mode!r}; use 'linear', 'finetune'")
