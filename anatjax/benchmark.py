@@ -29,8 +29,8 @@ from ml_collections import config_flags
 
 from anatjax import train
 from anatjax.config import compute_dtype
-from anatjax.data import pipeline, transforms
-from anatjax.methods.afire import normalize
+from anatjax.data import pipeline
+from anatjax.methods.common import normalize
 from anatjax.models.vit import ViT, parse_variant
 
 def define_flags():

@@ -105,7 +105,7 @@ class Schedule:
 RUN_CONTROL_KEYS = ("allow_config_change", "log_every", "data.num_workers",
                     "checkpoint.keep", "checkpoint.async_save", "mesh.data", "mesh.fsdp",
                     "sharding_rules", "grad_accum_steps", "model.remat",
-                    "profile.start_step", "profile.num_steps")
+                    "profile.start_step", "profile.num_steps", "data.max_bad_fraction")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

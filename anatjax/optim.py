@@ -1,8 +1,9 @@
 """Optimiser pieces the self-supervised recipes share: schedules, per-tensor clipping,
-step-driven freezing and the DINO-style AdamW parameter grouping."""
+step-driven freezing and DINO's AdamW recipe."""
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, NamedTuple
 
@@ -16,6 +17,14 @@ def cosine(start: float, end: float, steps: int):
   def schedule(step):
     t = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
     return end + 0.5 * (start - end) * (1.0 + jnp.cos(jnp.pi * t))
+  return schedule
+
+
+def linear(start: float, end: float, steps: int):
+  """Per-step linear ramp from `start` (step 0) to `end` (step `steps`), constant after."""
+  def schedule(step):
+    t = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
+    return start + (end - start) * t
   return schedule
 
 
@@ -99,3 +108,33 @@ def hold_until(num_steps: int, inner: optax.GradientTransformation = None):
 def decay_mask(params):
   """DINO grouping: weight decay on tensors with ndim >= 2, none on biases and norms."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def dino_adamw(opt, lr, wd, *, frozen: str, freeze_steps: int,
+               clip_groups=()) -> optax.GradientTransformation:
+  """AdamW as DINO trains (AFiRe and the DINO baseline use it).
+
+  Per-tensor gradient clipping at opt.clip_norm (`clip_groups`: (regex, leading group
+  axes) for stacked tensors whose slices are clipped on their own), weight decay `wd` on
+  ndim >= 2 tensors only, and the parameters matching `frozen` held completely still for
+  the first `freeze_steps` steps. `lr` and `wd` are step -> value schedules.
+  """
+  def labels(params):
+    return label_tree(params, [(frozen, "frozen")], "free")
+
+  def groups(params):
+    return label_tree(params, clip_groups, 0)
+
+  # The first moment may be kept in bfloat16 to save memory; the second stays float32
+  # (its small values underflow in bfloat16).
+  adam = functools.partial(optax.scale_by_adam, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                           mu_dtype=jnp.dtype(opt.mu_dtype))
+  return optax.chain(
+      clip_by_norm_per_tensor(opt.clip_norm, groups),
+      optax.multi_transform(
+          {"free": adam(), "frozen": hold_until(freeze_steps, adam())}, labels),
+      optax.add_decayed_weights(wd, mask=decay_mask),
+      optax.scale_by_learning_rate(lr),
+      optax.multi_transform(
+          {"free": optax.identity(), "frozen": hold_until(freeze_steps)}, labels),
+  )

@@ -80,7 +80,8 @@ class Progress:
     terms = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in scalars.items()
                      if k.startswith("loss_"))
     line = (f"step {step}/{self.total} (epoch {step / self.per_epoch:.2f}) | "
-            f"loss {scalars['loss']:.4f} ({terms}) | {self.images_per_s:.1f} img/s, "
+            f"loss {scalars['loss']:.4f}{f' ({terms})' if terms else ''} | "
+            f"{self.images_per_s:.1f} img/s, "
             f"data wait {scalars['data_wait']:.0%} | ETA {eta_text}")
     sys.stderr.write(("\r" + line + "\033[K") if self._tty else line + "\n")
     sys.stderr.flush()

@@ -27,7 +27,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from anatjax import checkpoint, config as config_lib, export, methods, reporting, sharding
-from anatjax.data import pipeline, sources
+from anatjax.data import bad_files, pipeline, sources
 
 
 class NonFiniteLoss(RuntimeError):
@@ -147,6 +147,9 @@ def make_train_step(method, step_key, accumulate: int = 1, mesh=None):
     rng = jax.random.fold_in(step_key, step)
     method_state, context, metrics = method.prepare(
         params, state["method_state"], batch, step)
+    # Per-example results of `prepare` (teacher outputs, say) travel with the batch, so
+    # micro-batches split them together.
+    batch = {**batch, **context.pop("per_example", {})}
 
     def micro_grads(i, micro):
       return grad_fn(params, method_state, context, micro, jax.random.fold_in(rng, i), step)
@@ -216,6 +219,9 @@ def train(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   source, schedule, method = build(config)
+  # Image files: unusable ones are skipped, counted and reported (anatjax/data/bad_files).
+  source, bad_file_report = bad_files.guard(source, workdir, config.data.max_bad_fraction,
+                                            jax.process_index(), say)
   mesh = sharding.make_mesh(config.mesh)
   if config.batch_size % (mesh.size * config.grad_accum_steps):
     raise ValueError(
@@ -325,6 +331,8 @@ def train(config, workdir: str) -> dict:
             f"{ckpt.directory}. Lower the learning rate or check the data, then rerun.")
     if step % config.log_every == 0 or step == total:
       scalars.update({k: float(fn(step - 1)) for k, fn in method.schedules.items()})
+      if bad_file_report:
+        scalars["bad_files"] = bad_file_report.poll(say)
       progress.update(step, scalars, batches.wait_s)  # adds images_per_s, data_wait
       writer.write(step, scalars)
     history.append((step, scalars["loss"]))

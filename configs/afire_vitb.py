@@ -25,43 +25,20 @@ total loss falling from ~5.5 to ~3.4, the prototype term (cst) from ~3.2 to ~2.6
 restoration term (rec) from ~2.2 to ~0.8; data wait ~3%.
 """
 
-import ml_collections
-
 from anatjax.config import parse_arg
+from configs.common import make_runlocal, pretraining_config
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, variant="B/16", runlocal=False)
-  c = ml_collections.ConfigDict()
-  c.method = "afire"
-  c.seed = 0
-  c.batch_size = 1024
-  c.grad_accum_steps = 1         # >1: sum gradients over this many micro-batches per step
-  c.duration = "400ep"
-  c.log_every = 50
-  c.allow_config_change = False
-  c.init_from = ""               # start the encoder from these weights (.safetensors/.npz/.pt)
-
-  c.data = dict(
-      source="synthetic_cxr",
-      root="",
-      image_size=224,
-      num_examples=81_117,     # synthetic patients; ignored by real sources
-      source_seed=0,           # which synthetic patients
-      repeats_per_epoch=9,     # an epoch shows each normal image with 9 lesion draws
-      num_workers=2,           # Grain worker processes per host
-  )
+  c = pretraining_config("afire", arg.variant)
+  c.data.repeats_per_epoch = 9  # an epoch shows each normal image with 9 lesion draws
+  c.data.selection = "normal_frontal"  # real sources: AFiRe pretrains on normal images
   c.slm = dict(                # synthetic lesion masks, pixels on the 224 grid (rescaled)
       max_lesions=4, min_size=16, max_size=128, crop_radius=30, ceiling=235,
       p_no_lesion=0.0)
 
-  c.model = dict(
-      variant=arg.variant,
-      depth=0,                 # 0: the variant's depth
-      channels=3,              # greyscale replicated to 3 channels, ImageNet-normalised
-      dtype="auto",            # matmuls: bfloat16 on GPU/TPU, float32 on CPU
-      remat="none",            # none | full | dots: recompute activations to save memory
-      scan_layers=False,       # scan over blocks: faster compiles of deep models
+  c.model.update(
       num_prototypes=256,
       head_hidden_dim=1024,
       head_bottleneck_dim=256,
@@ -82,26 +59,14 @@ def get_config(arg=None):
       b1=0.9, b2=0.999, eps=1e-8,
       mu_dtype="float32",      # Adam's first moment: float32 or bfloat16 (memory)
   )
-  c.mesh = dict(data=-1, fsdp=1)
-  c.sharding_rules = ((".*", "fsdp"),)
-  c.checkpoint = dict(every="20ep", keep=3, async_save=True)
-  c.profile = dict(start_step=0, num_steps=0)  # num_steps > 0: trace to WORKDIR/profile
 
   if arg.runlocal:
-    c.batch_size = 32
-    c.duration = "200st"
-    c.log_every = 10
-    c.data.image_size = 64
-    c.data.num_examples = 256
-    c.data.num_workers = 1
-    c.model.variant = "Ti/8"
-    c.model.depth = 4
+    make_runlocal(c)
     c.model.num_prototypes = 64
     c.model.head_hidden_dim = 256
     c.model.head_bottleneck_dim = 64
     c.model.decoder = dict(width=96, depth=2, num_heads=4, mlp_dim=384)
     c.optim.warmup = "1ep"
-    c.checkpoint.every = "100st"
 
   c.lock()
   return c

@@ -387,7 +387,7 @@ def test_command_on_a_real_run(tiny_run, tmp_path):
   assert step == 12
   assert {k: sidecar[k] for k in ("method", "which", "step", "image_size", "channels",
                                   "format_version", "variant", "timm_create_model")} == {
-      "method": "afire", "which": "teacher", "step": 12, "image_size": 32, "channels": 3,
+      "method": "afire", "which": "auto", "step": 12, "image_size": 32, "channels": 3,
       "format_version": export.FORMAT_VERSION, "variant": "mu/8", "timm_create_model": call}
   assert sidecar["mean"] == [0.485, 0.456, 0.406] and sidecar["std"] == [0.229, 0.224, 0.225]
   assert sidecar["config"] == json.loads(json.dumps(config.to_dict()))

@@ -2,7 +2,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from anatjax import optim
 from anatjax.methods import afire
@@ -32,11 +31,12 @@ def _opt_config():
                                         mu_dtype="float32"))
 
 
-def test_afire_optimizer_freezes_prototypes_completely_then_starts_fresh_adam():
+def test_dino_adamw_freezes_prototypes_completely_then_starts_fresh_adam():
   params = {"head": {"prototypes": jnp.ones((2, 3, 4)), "Dense_0": {"bias": jnp.ones(3)}},
             "encoder": {"kernel": jnp.ones((3, 3))}}
   lr, wd, frozen = 0.1, 0.5, 3
-  tx = afire.make_optimizer(_opt_config(), lambda s: lr, lambda s: wd, frozen)
+  tx = optim.dino_adamw(_opt_config(), lambda s: lr, lambda s: wd, frozen=afire.PROTOTYPES,
+                       freeze_steps=frozen, clip_groups=[(afire.PROTOTYPES, 1)])
   state = tx.init(params)
   grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
   update = jax.jit(tx.update)

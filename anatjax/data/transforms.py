@@ -18,10 +18,11 @@ class Greyscale(grain.transforms.Map):
   """A source item's `image` -> uint8 [size, size] greyscale `image`, nothing else.
 
   Resizes the whole image bilinearly without keeping the aspect ratio and without cropping
-  (AFiRe: a grid position must keep meaning the same anatomy).
+  (AFiRe: a grid position must keep meaning the same anatomy). size=None keeps the
+  image's size, for views that crop and resize afterwards (from the full resolution).
   """
 
-  def __init__(self, size: int):
+  def __init__(self, size: int | None):
     self.size = size
 
   def map(self, element):
@@ -30,7 +31,7 @@ class Greyscale(grain.transforms.Map):
       image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.shape[-1] == 3 else image[..., 0]
     if image.dtype != np.uint8:
       raise ValueError(f"expected a uint8 image, got {image.dtype}")
-    if image.shape != (self.size, self.size):
+    if self.size is not None and image.shape != (self.size, self.size):
       image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
     return {"image": image}
 

@@ -12,7 +12,11 @@ Protocols (one module each):
                 image-level labels, against the true masks and boxes     (localisation.py)
   anatomy       anatomy in frozen patch tokens: token probe mIoU, k-means NMI and
                 silhouette                                               (anatomy.py)
+  segmentation  anatomy segmentation from 10 / 100 % of the masks: a light decoder on
+                the fine-tuned or frozen encoder, Dice per structure (segmentation.py)
 Everything is a function of the config's seeds: the same command gives the same numbers.
+The SynthCXR benchmark (benchmark.py, configs/eval/synthcxr_benchmark.py) pretrains every
+method and runs every protocol on each trained encoder and a random one.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from __future__ import annotations
 import os
 import time
 
-from anatjax.evaluate import anatomy, data, features, localisation, probes, report
+from anatjax.evaluate import (anatomy, data, features, localisation, probes, report,
+                              segmentation)
 
 PROTOCOLS = {
     "cxr_probe": (probes.run_protocol, data.FINDING_NAMES),
     "localisation": (localisation.run_protocol, data.FINDING_NAMES),
     "anatomy": (anatomy.run_protocol, data.ANATOMY_NAMES),
+    "segmentation": (segmentation.run_protocol, data.ANATOMY_NAMES),
 }
 
 

@@ -1,5 +1,6 @@
 """`python -m anatjax.evaluate --config=configs/eval/<protocol>.py[:args] --init=INIT
-[--workdir=OUT] [--step=N]`.
+[--workdir=OUT] [--step=N]`, or the whole benchmark (pretraining included, no --init):
+`python -m anatjax.evaluate --config=configs/eval/synthcxr_benchmark.py[:args]`.
 
 INIT is 'random' (the encoder of the config's model block, untrained), a training run's
 directory (its newest checkpoint, or --step; the teacher unless --config.which=student),
@@ -26,7 +27,7 @@ _INIT = flags.DEFINE_string(
     "init", None, "'random', a training run directory, or an encoder weights file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results go (see the module doc).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a run (default: newest).")
-flags.mark_flags_as_required(["config", "init"])
+flags.mark_flags_as_required(["config"])
 
 
 def config_name(config_arg: str) -> str:
@@ -53,12 +54,30 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from anatjax import evaluate  # pylint: disable=g-import-not-at-top  (after flag parsing)
   config_arg = flags.FLAGS["config"].serialize().split("=", 1)[1]
+  if _CONFIG.value.protocol == "benchmark":
+    run_benchmark(config_arg)
+    return
+  if _INIT.value is None:
+    sys.exit("Error: --init is required: 'random', a training run directory or a weights "
+             "file.")
   workdir = _WORKDIR.value or default_workdir(config_arg, _INIT.value)
   try:
     results = evaluate.evaluate(_CONFIG.value, _INIT.value, workdir, step=_STEP.value,
                                 log=lambda s: print(s, flush=True))
   except evaluate.SetupError as e:
     sys.exit(f"Error: {e}")
+  print()
+  print(open(os.path.join(workdir, "results.md")).read(), flush=True)
+  print(f"Outputs in {os.path.abspath(workdir)}: results.json, results.md, "
+        f"{', '.join(results['figures'])}", flush=True)
+
+
+def run_benchmark(config_arg: str):
+  from anatjax.evaluate import benchmark  # pylint: disable=g-import-not-at-top
+  if _INIT.value is not None:
+    sys.exit("Error: the benchmark pretrains its own encoders: drop --init.")
+  workdir = _WORKDIR.value or os.path.join("workdirs", "eval", config_name(config_arg))
+  results = benchmark.run(_CONFIG.value, workdir, log=lambda s: print(s, flush=True))
   print()
   print(open(os.path.join(workdir, "results.md")).read(), flush=True)
   print(f"Outputs in {os.path.abspath(workdir)}: results.json, results.md, "

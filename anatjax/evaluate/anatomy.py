@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from anatjax.evaluate import data as data_lib, features as features_lib, metrics, probes
+from anatjax.evaluate import (data as data_lib, embedding, features as features_lib, metrics,
+                              probes)
 
 
 def token_labels(anatomy: np.ndarray, patch: int, num_classes: int) -> np.ndarray:
@@ -82,15 +83,6 @@ def kmeans(x, k: int, seed: int, iters: int = 100, n_init: int = 3,
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def pca_2d(x: np.ndarray) -> np.ndarray:
-  """The first two principal components of x [N, D] (signs fixed: largest |loading| > 0)."""
-  centred = np.asarray(x, np.float64) - np.mean(x, axis=0)
-  _, _, vt = np.linalg.svd(centred, full_matrices=False)
-  axes = vt[:2]
-  axes *= np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(1)])[:, None]
-  return centred @ axes.T
 
 
 def subsample(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -168,7 +160,7 @@ def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
 
 def figure_data(test, test_tokens, test_labels, predicted, centers, points, point_labels,
                 grid: int, cfg, num_examples: int = 4) -> dict:
-  """What the anatomy figures draw: a PCA of token features coloured by anatomy, and a
+  """What the anatomy figures draw: a t-SNE map of token features coloured by anatomy, a
   few test images with their anatomy, probe and k-means maps on the patch grid."""
   per_image = grid * grid
   examples = []
@@ -182,6 +174,6 @@ def figure_data(test, test_tokens, test_labels, predicted, centers, points, poin
                      "anatomy": test_labels[rows].reshape(grid, grid),
                      "probe": predicted[rows].reshape(grid, grid),
                      "kmeans": clusters.reshape(grid, grid)})
-  return {"embedding": {"points": pca_2d(points), "labels": point_labels,
-                        "method": "PCA"},
+  return {"embedding": {"points": embedding.tsne(points), "labels": point_labels,
+                        "method": "t-SNE"},
           "examples": examples}

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from anatjax.data.radiographs import read_split_file
 from anatjax.data.synthetic_cxr import ANATOMY_NAMES, FINDING_NAMES, SyntheticCXR
 
 SPLITS = ("train", "val", "test")
@@ -105,27 +106,6 @@ def write_split_file(path: str, names, labels) -> None:
   with open(path, "w") as f:
     for name, row in zip(names, np.asarray(labels)):
       f.write(name + " " + " ".join(str(int(v)) for v in row) + "\n")
-
-
-def read_split_file(path: str, num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
-  """(file names, labels int [N, C]) of a `file_name l0 ... lN` split file."""
-  names, rows = [], []
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      parts = line.split()
-      if not parts:
-        continue
-      try:
-        values = [int(float(v)) for v in parts[1:]]
-      except ValueError as e:
-        raise ValueError(f"{path}:{line_no}: labels must be numbers: {line.strip()!r}") from e
-      if num_classes is not None and len(values) != num_classes:
-        raise ValueError(f"{path}:{line_no}: {len(values)} labels, expected {num_classes}")
-      names.append(parts[0])
-      rows.append(values)
-  if rows and len({len(r) for r in rows}) != 1:
-    raise ValueError(f"{path}: lines have different numbers of labels")
-  return names, np.asarray(rows, np.int64).reshape(len(rows), -1)
 
 
 def subset_positions(split: Split, fraction: float, seed: int, data_config,

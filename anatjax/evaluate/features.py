@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anatjax import config as config_lib, export
-from anatjax.methods.afire import normalize
+from anatjax.methods.common import normalize
 from anatjax.models.vit import ViT, parse_variant
 
 FEATURES = ("cls", "mean", "cls+mean")
@@ -102,8 +102,9 @@ def random_encoder(config) -> Encoder:
   return Encoder(vit, params, size, channels, info)
 
 
-def run_encoder(workdir: str, which: str = "teacher", step: int | None = None) -> Encoder:
-  """The encoder of a training run's checkpoint (default: the newest, the teacher)."""
+def run_encoder(workdir: str, which: str = "auto", step: int | None = None) -> Encoder:
+  """The encoder of a training run's checkpoint (default: the newest step; `which` as
+  the method's `encoder` takes it)."""
   from anatjax import train as trainer  # pylint: disable=g-import-not-at-top
   run_config, method, state, step = trainer.load_checkpoint(workdir, step)
   params = method.encoder(state["params"], state["method_state"], which)

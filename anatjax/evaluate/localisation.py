@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anatjax.evaluate import data as data_lib, features as features_lib, metrics, probes
-from anatjax.methods.afire import normalize
+from anatjax.methods.common import normalize
 
 MAPS = ("gradcam", "evidence")
 THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)

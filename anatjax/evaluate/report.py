@@ -73,19 +73,34 @@ def unique(records, key) -> list:
   return seen
 
 
-def markdown_probe(records, classes) -> list[str]:
+def fraction_tables(records, classes, metric: str, mean_title: str, per_class_title: str,
+                    labels: str = "labels") -> list[str]:
+  """A method x label fraction table of the metric's mean, then one row per method and
+  fraction with the metric of every class."""
   fractions = sorted(unique(records, "label_fraction"))
   methods = unique(records, "method")
-  out = ["Test mean AUROC over findings (± std over seeds):", "",
-         table(["method"] + [f"{100 * f:g}% labels" for f in fractions],
-               [[m] + [summary(records, method=m, label_fraction=f, metric="auroc",
-                               cls="mean") for f in fractions] for m in methods]),
-         "", "Per-finding test AUROC:", "",
-         table(["method", "labels"] + list(classes),
-               [[m, f"{100 * f:g}%"] + [summary(records, method=m, label_fraction=f,
-                                                metric="auroc", cls=c) for c in classes]
-                for m in methods for f in fractions])]
-  return out
+  return [mean_title, "",
+          table(["method"] + [f"{100 * f:g}% {labels}" for f in fractions],
+                [[m] + [summary(records, method=m, label_fraction=f, metric=metric,
+                                cls="mean") for f in fractions] for m in methods]),
+          "", per_class_title, "",
+          table(["method", labels] + list(classes),
+                [[m, f"{100 * f:g}%"] + [summary(records, method=m, label_fraction=f,
+                                                 metric=metric, cls=c) for c in classes]
+                 for m in methods for f in fractions])]
+
+
+def markdown_probe(records, classes) -> list[str]:
+  return fraction_tables(records, classes, "auroc",
+                         "Test mean AUROC over findings (± std over seeds):",
+                         "Per-finding test AUROC:")
+
+
+def markdown_segmentation(records, structures) -> list[str]:
+  return fraction_tables(records, structures, "dice",
+                         "Test mean Dice over the structures, background excluded (± std "
+                         "over seeds):", "Test Dice per structure (pixels pooled over the "
+                         "test split):", labels="masks")
 
 
 def markdown_localisation(records, classes) -> list[str]:
@@ -131,8 +146,9 @@ def markdown(results: dict) -> str:
            f"{results['seeds']}; {results['seconds']['total']:.0f} s.", ""]
   body = {"cxr_probe": lambda r: markdown_probe(r, results["classes"]),
           "localisation": lambda r: markdown_localisation(r, results["classes"]),
-          "anatomy": lambda r: markdown_anatomy(r, results["classes"])}[results["protocol"]]
-  lines += body(results["records"])
+          "anatomy": lambda r: markdown_anatomy(r, results["classes"]),
+          "segmentation": lambda r: markdown_segmentation(r, results["classes"])}
+  lines += body[results["protocol"]](results["records"])
   if results["notes"]:
     lines += ["", "Notes:", ""] + [f"- {n}" for n in results["notes"]]
   if results["figures"]:
@@ -319,25 +335,41 @@ def embedding(points: np.ndarray, labels: np.ndarray, names, path: str, title: s
   return save(path, img)
 
 
-def anatomy_examples(examples: list[dict], names, path: str, size: int = 144) -> str:
-  """Per test image: the image, the anatomy token labels, the probe's prediction and the
-  k-means clusters (cluster colours are arbitrary)."""
-  columns = ("image", "anatomy (tokens)", "token probe", "k-means (any colours)")
+def label_grid(rows: list[dict], columns, names, path: str, title: str, size: int = 144,
+               alpha: float = 1.0) -> str:
+  """One row per image: the greyscale image, then the label map of each (key, header) of
+  `columns` drawn over it with opacity `alpha` (1: the labels alone); a legend of `names`."""
+  headers = ["image"] + [header for _, header in columns]
   pad, top = 6, 40
-  width = len(columns) * (size + pad) + 160
-  img = canvas(width, top + max(1, len(examples)) * (size + pad))
-  text(img, "Anatomy on the patch grid", (8, 18), 0.5)
-  for j, c in enumerate(columns):
-    text(img, c, (j * (size + pad) + 4, top - 8))
-  for i, ex in enumerate(examples):
+  img = canvas(len(headers) * (size + pad) + 160, top + max(1, len(rows)) * (size + pad))
+  text(img, title, (8, 18), 0.5)
+  for j, header in enumerate(headers):
+    text(img, header, (j * (size + pad) + 4, top - 8))
+  for i, row in enumerate(rows):
     y = top + i * (size + pad)
-    tiles = [upscale(grey_bgr(ex["image"]), size), label_image(ex["anatomy"], size),
-             label_image(ex["probe"], size), label_image(ex["kmeans"], size)]
+    base = upscale(grey_bgr(row["image"]), size)
+    tiles = [base] + [cv2.addWeighted(base, 1 - alpha, label_image(row[key], size), alpha, 0)
+                      for key, _ in columns]
     for j, tile in enumerate(tiles):
       img[y:y + size, j * (size + pad):j * (size + pad) + size] = tile
   legend(img, [(n, colour(i)) for i, n in enumerate(names)],
-         (len(columns) * (size + pad) + 4, top + 12), dot=True)
+         (len(headers) * (size + pad) + 4, top + 12), dot=True)
   return save(path, img)
+
+
+def anatomy_examples(examples: list[dict], names, path: str) -> str:
+  """Per test image: the image, the anatomy token labels, the probe's prediction and the
+  k-means clusters (cluster colours are arbitrary)."""
+  return label_grid(examples, (("anatomy", "anatomy (tokens)"), ("probe", "token probe"),
+                               ("kmeans", "k-means (any colours)")),
+                    names, path, "Anatomy on the patch grid")
+
+
+def segmentation_examples(figure: dict, names, path: str, title: str) -> str:
+  """Per test image: the true anatomy and each mode's prediction, over the image."""
+  fraction = f"{100 * figure['label_fraction']:g}% masks"
+  columns = [("truth", "true anatomy")] + [(m, f"{m}, {fraction}") for m in figure["modes"]]
+  return label_grid(figure["examples"], columns, names, path, title, alpha=0.5)
 
 
 def write_figures(out_dir: str, protocol: str, figures: dict, results: dict) -> list[str]:
@@ -359,7 +391,11 @@ def write_figures(out_dir: str, protocol: str, figures: dict, results: dict) -> 
     written.append(embedding(
         emb["points"], emb["labels"], results["classes"],
         os.path.join(fig_dir, "token_embedding.png"),
-        f"Test patch tokens, {emb['method']} 2-D (t-SNE is not run: too slow on CPU)"))
+        f"Test patch tokens of the {init} encoder, {emb['method']}, coloured by structure"))
     written.append(anatomy_examples(figures["examples"], results["classes"],
                                     os.path.join(fig_dir, "anatomy_examples.png")))
+  if protocol == "segmentation" and figures.get("examples"):
+    written.append(segmentation_examples(
+        figures, results["classes"], os.path.join(fig_dir, "segmentation_examples.png"),
+        f"Anatomy segmentation of test images ({init} encoder)"))
   return [os.path.relpath(p, out_dir) for p in written]

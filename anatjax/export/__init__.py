@@ -172,7 +172,7 @@ def check_positions(posemb: np.ndarray, geo, source: str) -> tuple[np.ndarray | 
 
 # ------------------------------------------------------------------ export
 def _normalisation(channels: int):
-  from anatjax.methods.afire import IMAGENET_MEAN, IMAGENET_STD
+  from anatjax.methods.common import IMAGENET_MEAN, IMAGENET_STD
   if channels == 3:
     return list(IMAGENET_MEAN), list(IMAGENET_STD)
   return [IMAGENET_MEAN[0]] * channels, [IMAGENET_STD[0]] * channels
@@ -246,9 +246,10 @@ def export_encoder(params: Mapping, out: str, *, image_size, format: str = "timm
   return info
 
 
-def export_run(workdir: str, out: str, *, step: int | None = None, which: str = "teacher",
+def export_run(workdir: str, out: str, *, step: int | None = None, which: str = "auto",
                format: str = "timm") -> dict:
-  """Exports one encoder of a run's checkpoint (default: the newest step, the teacher)."""
+  """Exports one encoder of a run's checkpoint (default: the newest step, the method's
+  own choice: the EMA teacher where there is one)."""
   from anatjax import train as trainer
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"No checkpoints/ in {workdir}: pass the --workdir of a run.")
@@ -344,17 +345,18 @@ def read_torch(path: str) -> Any:
     raise WeightsFileError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
 
 
-def encoder_state_dict(obj: Any, path: str, which: str = "teacher") -> tuple[dict, list]:
+def encoder_state_dict(obj: Any, path: str, which: str = "auto") -> tuple[dict, list]:
   """The encoder's flat {timm key: array} inside a loaded checkpoint, and skipped keys.
 
   Accepts a plain state dict; {"teacher"|"student": state dict} (AFiRe's and DINO's
-  releases; `which` picks); {"state_dict"|"model"|"module": state dict}; keys prefixed
+  releases; `which` picks, 'auto' the teacher); {"state_dict"|"model"|"module": state
+  dict}; keys prefixed
   'module.' (DDP); and encoder keys prefixed 'encoder.' or 'backbone.' next to other
   modules ('head.' and the like are skipped).
   """
   if not isinstance(obj, Mapping):
     raise WeightsFileError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
-  for key in (which, "state_dict", "model", "module"):
+  for key in ("teacher" if which == "auto" else which, "state_dict", "model", "module"):
     if isinstance(obj.get(key), Mapping):
       obj = obj[key]
       break
@@ -375,7 +377,7 @@ def encoder_state_dict(obj: Any, path: str, which: str = "teacher") -> tuple[dic
   return {k: _to_numpy(v, k, path) for k, v in obj.items()}, skipped
 
 
-def read_encoder_file(path: str, which: str = "teacher") -> tuple[str, dict, list]:
+def read_encoder_file(path: str, which: str = "auto") -> tuple[str, dict, list]:
   """(layout 'timm' | 'big_vision', flat arrays, skipped keys) of a weights file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"weights file {path} does not exist")
@@ -405,7 +407,7 @@ def _describe(geo, name, kwargs, backbone) -> str:
           f"in timm {vit_table.create_model_call(name, kwargs)}")
 
 
-def import_encoder(path: str, target_params: Mapping, *, image_size, which: str = "teacher",
+def import_encoder(path: str, target_params: Mapping, *, image_size, which: str = "auto",
                    backbone: str = "vit") -> dict:
   """Loads an encoder's weights from `path` into the structure of `target_params`.
 

@@ -21,8 +21,9 @@ from anatjax import export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (its checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the newest.")
-_WHICH = flags.DEFINE_enum("which", "teacher", ["teacher", "student"],
-                           "Which encoder of the method to export.")
+_WHICH = flags.DEFINE_enum("which", "auto", ["auto", "teacher", "student"],
+                           "Which encoder: auto = the method's choice (the EMA teacher of AFiRe "
+                           "and DINO, MAE's only encoder).")
 _FORMAT = flags.DEFINE_enum("format", "timm", list(export.FORMATS),
                             "timm: .safetensors state dict for timm; npz: big_vision .npz.")
 _OUT = flags.DEFINE_string("out", None, "The file to write (the sidecar is OUT.json).")

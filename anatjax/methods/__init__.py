@@ -15,7 +15,7 @@ import optax
 
 from anatjax.config import closest
 
-METHODS = ("afire",)
+METHODS = ("afire", "mae", "dino")
 
 
 class Method(NamedTuple):
@@ -24,7 +24,8 @@ class Method(NamedTuple):
   init: Callable[[Any], tuple[Any, Any]]
   # (params, method_state, batch, step) -> (method_state, context, metrics): the
   # gradient-free work on the whole global batch before the loss (teacher passes,
-  # targets, batch-wide normalisers)
+  # targets, batch-wide normalisers). Arrays under context["per_example"] (leading axis =
+  # batch) are merged into the batch that `loss` sees, and split with it.
   prepare: Callable[..., Any]
   # (params, method_state, context, batch, rng, step) -> (loss, metrics). With gradient
   # accumulation `batch` is one micro-batch and the micro-batches' losses and metrics

@@ -16,31 +16,20 @@ Specification: shared/methods/afire.md. One step (all inside the jitted update):
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import optax
 
 from anatjax import config as config_lib, losses, optim
 from anatjax.data import transforms
 from anatjax.data.lesions import LesionConfig
 from anatjax.methods import Method
+from anatjax.methods.common import (ema_teacher_update, normalize, teacher_or_student,
+                                    with_teacher_encoder)
 from anatjax.models.decoders import RestorationDecoder
 from anatjax.models.heads import PositionPrototypeHead
 from anatjax.models.vit import ViT, parse_variant, unstack_blocks
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PROTOTYPES = r"head/prototypes$"
-
-
-def normalize(images_uint8, channels: int):
-  """uint8 [B, H, W] greyscale -> float32 [B, H, W, C], ImageNet-normalised per channel."""
-  x = images_uint8.astype(jnp.float32)[..., None] / 255.0
-  mean = jnp.asarray(IMAGENET_MEAN[:channels] if channels == 3 else IMAGENET_MEAN[:1])
-  std = jnp.asarray(IMAGENET_STD[:channels] if channels == 3 else IMAGENET_STD[:1])
-  return (jnp.broadcast_to(x, x.shape[:-1] + (channels,)) - mean) / std
 
 
 def build_modules(config):
@@ -137,62 +126,23 @@ def make(config, schedule) -> Method:
 
   teacher_momentum = optim.cosine(cfg.teacher_momentum, 1.0, total_steps)
 
-  def after_update(params, method_state, step):
-    m = teacher_momentum(step)
-    teacher = jax.tree.map(lambda t, s: m * t + (1.0 - m) * s, method_state["teacher"],
-                           {"encoder": params["encoder"], "head": params["head"]})
-    return dict(method_state, teacher=teacher)
-
   opt = config.optim
   lr = optim.warmup_cosine(opt.base_lr * schedule.batch_size / opt.base_batch_size,
                            schedule.steps(opt.warmup, "optim.warmup"), total_steps,
                            opt.min_lr)
   wd = optim.cosine(opt.weight_decay, opt.weight_decay_end, total_steps)
   freeze_steps = schedule.steps(cfg.freeze_prototypes, "afire.freeze_prototypes")
-  optimizer = make_optimizer(opt, lr, wd, freeze_steps)
+  # Per-tensor clipping with each position's prototype slice clipped on its own, as
+  # the reference's separate per-position layers were.
+  optimizer = optim.dino_adamw(opt, lr, wd, frozen=PROTOTYPES, freeze_steps=freeze_steps,
+                               clip_groups=[(PROTOTYPES, 1)])
 
-  def encoder_params(params, method_state, which="teacher"):
-    source = {"teacher": method_state["teacher"], "student": params}
-    if which not in source:
-      raise ValueError(f"which={which!r}: AFiRe exports 'teacher' or 'student'")
-    return unstack_blocks(source[which]["encoder"])
-
-  def with_encoder(params, method_state, load):
-    encoder_params = load(params["encoder"])
-    teacher = dict(method_state["teacher"], encoder=encoder_params)  # still a copy
-    return dict(params, encoder=encoder_params), dict(method_state, teacher=teacher)
+  def encoder_params(params, method_state, which="auto"):
+    return unstack_blocks(teacher_or_student(params, method_state, which, "AFiRe"))
 
   slm = LesionConfig.for_image_size(size, **config.slm)
   host = (transforms.Greyscale(size),
           transforms.SyntheticLesions(slm, encoder.patch_size))
-  return Method("afire", init, prepare, loss_fn, after_update, optimizer, encoder_params,
-                with_encoder, host,
+  return Method("afire", init, prepare, loss_fn, ema_teacher_update(teacher_momentum),
+                optimizer, encoder_params, with_teacher_encoder, host,
                 {"lr": lr, "weight_decay": wd, "teacher_momentum": teacher_momentum})
-
-
-def make_optimizer(opt, lr, wd, freeze_steps: int) -> optax.GradientTransformation:
-  """AdamW as the reference trains AFiRe (DINO's recipe).
-
-  Per-tensor gradient clipping (each position's prototype slice clipped on its own, as the
-  reference's 196 separate layers were), decay on ndim >= 2 tensors only, and the
-  prototypes held completely still during the first `freeze_steps` steps.
-  """
-  def labels(params):
-    return optim.label_tree(params, [(PROTOTYPES, "frozen")], "free")
-
-  def clip_groups(params):
-    return optim.label_tree(params, [(PROTOTYPES, 1)], 0)
-
-  # The first moment may be kept in bfloat16 to save memory; the second stays float32
-  # (its small values underflow in bfloat16).
-  adam = functools.partial(optax.scale_by_adam, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                           mu_dtype=jnp.dtype(opt.mu_dtype))
-  return optax.chain(
-      optim.clip_by_norm_per_tensor(opt.clip_norm, clip_groups),
-      optax.multi_transform(
-          {"free": adam(), "frozen": optim.hold_until(freeze_steps, adam())}, labels),
-      optax.add_decayed_weights(wd, mask=optim.decay_mask),
-      optax.scale_by_learning_rate(lr),
-      optax.multi_transform(
-          {"free": optax.identity(), "frozen": optim.hold_until(freeze_steps)}, labels),
-  )

@@ -8,6 +8,14 @@ import jax.numpy as jnp
 from anatjax.models.vit import Transformer, sincos_2d, xavier_uniform
 
 
+def patchify(images, patch_size: int):
+  """[B, H, W, C] -> [B, H/p * W/p, p*p*C] (row-major patches, each p_row, p_col, channel)."""
+  batch, height, width, channels = images.shape
+  p = patch_size
+  x = images.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
 def unpatchify(patches, grid_h: int, grid_w: int, patch_size: int):
   """[B, grid_h*grid_w, p*p*C] (each vector ordered p_row, p_col, channel) -> [B, H, W, C]."""
   batch, _, dim = patches.shape
@@ -18,11 +26,12 @@ def unpatchify(patches, grid_h: int, grid_w: int, patch_size: int):
 
 
 class RestorationDecoder(nn.Module):
-  """AFiRe's anomaly-removal decoder: a light ViT that rebuilds the clean image.
+  """A light ViT that rebuilds the whole image from tokens with some positions hidden.
 
-  tokens [B, 1+L, D] and the token lesion flags abn [B, L] -> image [B, H, W, C]. Flagged
-  patch tokens are replaced by a learned mask token of their own grid position, so the
-  decoder must infer the normal anatomy there from the surrounding tokens.
+  tokens [B, 1+L, D] and flags hidden [B, L] -> image [B, H, W, C]. Hidden patch tokens
+  are replaced by a learned mask token, so the decoder must infer the image there from
+  the surrounding tokens. AFiRe (hidden = lesion flags) learns one mask token per grid
+  position; MAE (hidden = the masked patches) one `shared_mask_token`.
   """
   grid_h: int
   grid_w: int
@@ -34,16 +43,19 @@ class RestorationDecoder(nn.Module):
   mlp_dim: int = 2048
   remat: str = "none"
   scan: bool = False
+  shared_mask_token: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens, abn):
-    num_positions = self.grid_h * self.grid_w
+  def __call__(self, tokens, hidden):
     x = nn.Dense(self.width, dtype=self.dtype, kernel_init=xavier_uniform,
                  name="embed")(tokens)
-    mask_tokens = self.param("mask_tokens", nn.initializers.normal(0.02),
-                             (num_positions, self.width))
-    patches = jnp.where(abn[..., None], mask_tokens.astype(x.dtype)[None], x[:, 1:])
+    if self.shared_mask_token:
+      mask_tokens = self.param("mask_token", nn.initializers.normal(0.02), (1, self.width))
+    else:
+      mask_tokens = self.param("mask_tokens", nn.initializers.normal(0.02),
+                               (self.grid_h * self.grid_w, self.width))
+    patches = jnp.where(hidden[..., None], mask_tokens.astype(x.dtype)[None], x[:, 1:])
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + sincos_2d(self.grid_h, self.grid_w, self.width).astype(x.dtype)
     x = Transformer(self.depth, self.mlp_dim, self.num_heads, ln_eps=1e-5,

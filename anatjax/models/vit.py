@@ -197,7 +197,12 @@ def unstack_blocks(params, block_prefix: str = "encoderblock"):
 
 
 class ViT(nn.Module):
-  """images [B, H, W, C] float -> tokens [B, 1 + H/p * W/p, width] (CLS first), float32."""
+  """images [B, H, W, C] float -> tokens [B, 1 + H/p * W/p, width] (CLS first), float32.
+
+  With `keep` ([B, n] patch indices, row-major) only those patch tokens enter the
+  transformer, after their position embedding is added (MAE's visible subset): the output
+  is [B, 1 + n, width], token i + 1 being patch keep[:, i].
+  """
   width: int
   depth: int
   mlp_dim: int
@@ -208,7 +213,7 @@ class ViT(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, keep=None):
     p = self.patch_size
     # xavier-uniform on the flattened [p*p*C, width] view of the kernel, as MAE does.
     patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform",
@@ -218,6 +223,8 @@ class ViT(nn.Module):
     batch, grid_h, grid_w, _ = x.shape
     x = x.reshape(batch, grid_h * grid_w, self.width)
     x = x + sincos_2d(grid_h, grid_w, self.width, cls_token=False).astype(self.dtype)
+    if keep is not None:
+      x = jnp.take_along_axis(x, keep[..., None], axis=1)
     cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x],
                         axis=1)

@@ -12,8 +12,8 @@ structures of the synthetic phantom). On the encoder's final patch tokens:
   python -m anatjax.evaluate --config=configs/eval/anatomy.py:runlocal --init=random
 
 Arguments: variant=, num_seeds=, runlocal, tiny (configs/eval/common.py). Writes
-OUT/results.json, OUT/results.md, OUT/figures/token_embedding.png (PCA of tokens coloured
-by structure) and OUT/figures/anatomy_examples.png.
+OUT/results.json, OUT/results.md, OUT/figures/token_embedding.png (t-SNE of the
+silhouette's tokens coloured by structure) and OUT/figures/anatomy_examples.png.
 
 What to expect from runlocal on 2 CPU cores: about 25 s. A random encoder is not at
 zero: its tokens carry the fixed sin-cos positions, and position alone predicts much of

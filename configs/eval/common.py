@@ -21,7 +21,8 @@ def base_config(protocol: str, arg, **extra_args):
   c.protocol = protocol
   c.seed = 0                     # the random encoder's initialisation (--init=random)
   c.seeds = tuple(range(arg.num_seeds))
-  c.which = "teacher"            # which encoder of a run / a teacher-student file
+  c.which = "auto"               # a run's encoder: auto (the teacher where there is one) |
+                                 # teacher | student; also picks in teacher-student files
   c.batch_size = 128             # feature extraction and evaluation batch
 
   # The encoder for --init=random or a weights file; a run's checkpoint brings its own.
