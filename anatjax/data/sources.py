@@ -3,13 +3,15 @@
 Each source is a Grain random-access source (`__len__`, `__getitem__`) whose items hold at
 least `image`: a uint8 greyscale [H, W] array. Unknown names and missing data roots fail
 here, before anything compiles. Besides the embedded synthetic radiographs, the readers of
-anatjax/data/radiographs.py read real collections from their download folders.
+anatjax/data/radiographs.py read real collections from their download folders, and
+`prepared` reads any of them back from the ArrayRecord folder `python -m
+anatjax.data.prepare` wrote (anatjax/data/prepared.py).
 """
 
 from __future__ import annotations
 
 from anatjax.config import closest
-from anatjax.data import radiographs
+from anatjax.data import prepared, radiographs
 from anatjax.data.synthetic_cxr import SyntheticCXR
 
 def _synthetic_cxr(data_config, split):
@@ -21,7 +23,8 @@ def _synthetic_cxr(data_config, split):
 
 
 # name -> (data config, split) -> source
-SOURCES = {"synthetic_cxr": _synthetic_cxr, **radiographs.READERS}
+SOURCES = {"synthetic_cxr": _synthetic_cxr, **radiographs.READERS,
+           "prepared": prepared.prepared}
 
 
 def make_source(data_config, split: str = "pretrain"):
