@@ -45,3 +45,142 @@ def mean_squared_error(prediction, target, count=None):
   """Sum of squared differences over `count` (default: the number of elements)."""
   squared = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
   return jnp.sum(squared) / (squared.size if count is None else count)
+
+
+# ----------------------------------------------------------------------------------------
+# LD (local discrimination), shared/methods/ld.md section 3. Embeddings come in as unit
+# vectors (the U-Net's embedding head); the similarity products use full float32 precision
+# (Precision.HIGHEST), since accelerators otherwise round float32 matmul inputs to bfloat16,
+# and they are small next to the network.
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _unit(x, axis=-1):
+  """x / (||x|| + 1e-10), the spec's L2 normalisation."""
+  return x / (jnp.linalg.norm(x, axis=axis, keepdims=True) + 1e-10)
+
+
+def pool_patch_embeddings(embeddings, grid: int = 8):
+  """Patch vectors P = L2norm(AvgPool(v)) on a grid x grid layout (spec 3.1).
+
+  embeddings [N, H, W, D] -> [N, grid, grid, D]; cell (r, c) averages the (H/grid) x
+  (W/grid) window at (r, c) (56 x 56 pixels at 448 and grid 8), then is L2-normalised.
+  """
+  embeddings = embeddings.astype(jnp.float32)
+  n, height, width, dim = embeddings.shape
+  if height % grid or width % grid:
+    raise ValueError(f"patch pooling of {height}x{width} embeddings onto a {grid}x{grid} "
+                     f"grid needs height and width divisible by {grid}")
+  windows = embeddings.reshape(n, grid, height // grid, grid, width // grid, dim)
+  return _unit(jnp.mean(windows, axis=(2, 4)))
+
+
+def invariant_spreading_terms(z, temperature: float = 0.1):
+  """Per-anchor terms of the invariant-spreading criterion ISC(Z; tau) (spec 3.2): [2M].
+
+  z [2M, D] with unit rows; z_i and z_{(i + M) mod 2M} are positives. With the second
+  operand of every dot product under stop-gradient (the key side; part of the method):
+    e_ij = exp(z_i . sg(z_j) / tau) for j != i, e_ii = 0,   D_i = sum_j e_ij,
+    p_ij = e_ij / (D_i + 1e-10),
+    term_i = -[log p_{i,i+} + sum_{j not in {i, i+}} log(1 - p_ij)].
+  Row i's term therefore has a gradient with respect to z_i alone. The exponent is at most
+  1/tau for unit rows, so no max-subtraction is needed (float32 is safe for tau >~ 0.012).
+  """
+  z = z.astype(jnp.float32)
+  rows = z.shape[0]
+  if rows % 2:
+    raise ValueError(f"invariant spreading needs an even number of rows (two halves of "
+                     f"positives), got {rows}")
+  half = rows // 2
+  logits = jnp.matmul(z, jax.lax.stop_gradient(z).T, precision=_HIGHEST) / temperature
+  self_pair = jnp.eye(rows, dtype=bool)
+  positive = jnp.roll(self_pair, half, axis=1)           # column (i + M) mod 2M of row i
+  e = jnp.where(self_pair, 0.0, jnp.exp(logits))
+  p = e / (jnp.sum(e, axis=1, keepdims=True) + 1e-10)
+  log_positive = jnp.log(p[jnp.arange(rows), (jnp.arange(rows) + half) % rows])
+  negative = ~(self_pair | positive)
+  log_not_negative = jnp.sum(jnp.where(negative, jnp.log1p(-p), 0.0), axis=1)
+  return -(log_positive + log_not_negative)
+
+
+def invariant_spreading(z, temperature: float = 0.1):
+  """ISC(Z; tau) = mean over the 2M anchors of `invariant_spreading_terms` (spec 3.2)."""
+  return jnp.mean(invariant_spreading_terms(z, temperature))
+
+
+def patch_discrimination(view1_patches, view2_patches, temperature: float = 0.1):
+  """L_PD (spec 3.3): ISC over the patches of both views, every other patch a negative.
+
+  view1_patches [2B, G, G, D] (I1_v1 then I2_v1) and view2_patches [2B, G, G, D] (I1_v2,
+  I2_v2), the latter already aligned onto view 1's frame (dihedral.undo_batch), unit
+  vectors. Each half is flattened in (image, row, col) order, so patch (n, r, c) of view 1
+  and of view 2 are positives: L_PD = ISC([view1; view2]), M = 2B G^2.
+  """
+  dim = view1_patches.shape[-1]
+  return invariant_spreading(
+      jnp.concatenate([view1_patches.reshape(-1, dim), view2_patches.reshape(-1, dim)]),
+      temperature)
+
+
+def hypersphere_mixup(mix_patches, first_patches, second_patches, lam,
+                      temperature: float = 0.1):
+  """L_mix (spec 3.3): the mixed image's patches must match the mixed patch vectors.
+
+  mix_patches [B, G, G, D] = P(x_mix); first/second_patches [B, G, G, D] = P(I1_v1),
+  P(I2_v1) on their own (unaligned) grids; lam [B], x_mix = lam I1_v1 + (1 - lam) I2_v1.
+    t = sg(L2norm(lam P(I1_v1) + (1 - lam) P(I2_v1))), cell by cell,
+    L_mix = ISC([P(x_mix); t]), M = B G^2.
+  The gradient reaches only the mix patches: t is constant, and ISC's keys are too.
+  """
+  lam = lam.astype(jnp.float32)[:, None, None, None]
+  target = jax.lax.stop_gradient(_unit(lam * first_patches + (1.0 - lam) * second_patches))
+  dim = mix_patches.shape[-1]
+  return invariant_spreading(
+      jnp.concatenate([mix_patches.reshape(-1, dim), target.reshape(-1, dim)]), temperature)
+
+
+def region_embeddings(embeddings, assignments):
+  """r_{n,k} = L2norm((1/HW) sum_p A_{n,k}(p) v_n(p)) (spec 3.3): [N, H, W, D], [N, H, W, K]
+  -> [N, K, D], one contraction over the pixels (no [N, K, D, H, W] broadcast, defect D3)."""
+  height, width = embeddings.shape[1:3]
+  pooled = jnp.einsum("nhwk,nhwd->nkd", assignments.astype(jnp.float32),
+                      embeddings.astype(jnp.float32), precision=_HIGHEST)
+  return _unit(pooled / (height * width))
+
+
+def region_discrimination(embeddings, assignments, temperature: float = 0.2):
+  """L_RD (spec 3.3): each region embedding must be closest to its own cluster centre.
+
+  embeddings [N_v, H, W, D] (unit vectors), assignments [N_v, H, W, K] (sum_k = 1), the
+  non-mix images only. With r = region_embeddings(v, A) and batch centres
+  c_k = L2norm((1/N_v) sum_n r_{n,k}) (no stop-gradient, no memory):
+    L_RD = -(1/(N_v K)) sum_{n,k} log softmax_k'(r_{n,k} . c_k' / tau_r)[k].
+  Gradients reach both heads through r and c.
+  """
+  regions = region_embeddings(embeddings, assignments)               # [N, K, D]
+  centres = _unit(jnp.mean(regions, axis=0))                         # [K, D]
+  logits = jnp.einsum("nkd,jd->nkj", regions, centres, precision=_HIGHEST) / temperature
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.diagonal(log_probs, axis1=1, axis2=2))
+
+
+def binary_entropy(assignments):
+  """L_ent (spec 3.3), element-wise binary entropy in bits, averaged over n, p, k:
+  mean[-A log2(A + 1e-30) - (1 - A) log2(1 - A + 1e-30)]; pushes assignments to 0 or 1.
+
+  Computed with max(x, 1e-30) in place of x + 1e-30 (the same values in float32): under jit
+  XLA folds the 1e-30 into the constant of 1 - A + 1e-30, which is then log2(0) = -inf and
+  0 * -inf = NaN at A = 1, and confident assignments are exactly 1.0 in float32.
+  """
+  a = assignments.astype(jnp.float32)
+  return jnp.mean(-a * jnp.log2(jnp.maximum(a, 1e-30))
+                  - (1.0 - a) * jnp.log2(jnp.maximum(1.0 - a, 1e-30)))
+
+
+def area_prior(assignments):
+  """L_area (spec 3.3, unused by the reference, `ld.w_area` default 0):
+  mean_{n,k} (mean_p A_{n,k}(p) - 1/K)^2, pulling every cluster towards an equal area."""
+  a = assignments.astype(jnp.float32)
+  area = jnp.mean(a, axis=(1, 2))                                    # [N, K]
+  return jnp.mean(jnp.square(area - 1.0 / a.shape[-1]))
