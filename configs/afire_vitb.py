@@ -26,7 +26,7 @@ restoration term (rec) from ~2.2 to ~0.8; data wait ~3%.
 """
 
 from anatjax.config import parse_arg
-from configs.common import make_runlocal, pretraining_config
+from configs.common import dino_optim, make_runlocal, pretraining_config
 
 
 def get_config(arg=None):
@@ -53,12 +53,7 @@ def get_config(arg=None):
       restoration_weight=1.0,
       freeze_prototypes="1ep",
   )
-  c.optim = dict(
-      base_lr=5e-4, base_batch_size=256, warmup="10ep", min_lr=1e-6,
-      weight_decay=0.04, weight_decay_end=0.4, clip_norm=3.0,
-      b1=0.9, b2=0.999, eps=1e-8,
-      mu_dtype="float32",      # Adam's first moment: float32 or bfloat16 (memory)
-  )
+  c.optim = dino_optim()
 
   if arg.runlocal:
     make_runlocal(c)

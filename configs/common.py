@@ -63,3 +63,15 @@ def make_runlocal(c: ml_collections.ConfigDict) -> None:
   c.model.variant = "Ti/8"
   c.model.depth = 4
   c.checkpoint.every = "100st"
+
+
+def dino_optim() -> dict:
+  """DINO's AdamW recipe (AFiRe trains with it too; anatjax.optim.dino_adamw): lr 5e-4 x
+  batch/256 after 10 warm-up epochs, cosine to 1e-6, weight decay 0.04 -> 0.4 (cosine),
+  per-tensor gradient clipping at 3.0."""
+  return dict(
+      base_lr=5e-4, base_batch_size=256, warmup="10ep", min_lr=1e-6,
+      weight_decay=0.04, weight_decay_end=0.4, clip_norm=3.0,
+      b1=0.9, b2=0.999, eps=1e-8,
+      mu_dtype="float32",      # Adam's first moment: float32 or bfloat16 (memory)
+  )

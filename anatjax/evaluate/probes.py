@@ -227,13 +227,19 @@ def finetune_step(encoder, layer_decay: float, weight_decay: float, num_classes:
     logits = ((pooled - stats["mu"]) / stats["sd"]) @ params["head"]["w"] + params["head"]["b"]
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y))
 
+  return tx, scaled_train_step(loss_fn, tx)
+
+
+def scaled_train_step(loss_fn, tx):
+  """A jitted step (params, opt_state, fixed, x, y, lr) -> (params, opt_state, loss) of
+  `tx` with its update scaled by lr; loss_fn(params, fixed, x, y) -> loss."""
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, stats, x, y, lr):
-    loss, grads = jax.value_and_grad(loss_fn)(params, stats, x, y)
+  def train_step(params, opt_state, fixed, x, y, lr):
+    loss, grads = jax.value_and_grad(loss_fn)(params, fixed, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: lr * u, updates)
     return optax.apply_updates(params, updates), opt_state, loss
-  return tx, train_step
+  return train_step
 
 
 def batch_order(count: int, steps: int, batch_size: int, seed: int) -> np.ndarray:

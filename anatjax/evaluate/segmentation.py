@@ -157,13 +157,7 @@ def train_step_fn(encoder, decoder, image_size: int, trains_encoder: bool,
   def loss_fn(trainable, fixed, images, labels):
     return segmentation_loss(logits({**fixed, **trainable}, images), labels, dice_weight)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(trainable, opt_state, fixed, images, labels, lr):
-    loss, grads = jax.value_and_grad(loss_fn)(trainable, fixed, images, labels)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    updates = jax.tree.map(lambda u: lr * u, updates)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-  return tx, train_step
+  return tx, probes.scaled_train_step(loss_fn, tx)
 
 
 def fit(encoder, mode: str, images, labels, val, *, config, seed: int
