@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 
@@ -139,3 +140,13 @@ def compute_dtype(name: str):
   if name not in ("float32", "bfloat16"):
     raise ValueError(f"config model.dtype={name!r}: use 'auto', 'float32' or 'bfloat16'")
   return jnp.dtype(name)
+
+
+def config_name(config_arg: str) -> str:
+  """A --config argument as a directory name for default workdirs:
+  'configs/eval/cxr_probe.py:runlocal,num_seeds=3' -> 'cxr_probe_runlocal_num_seeds-3'."""
+  path, _, args = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  if args:
+    name += "_" + re.sub(r"[^A-Za-z0-9_.-]+", "", args.replace(",", "_").replace("=", "-"))
+  return name

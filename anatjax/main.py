@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from anatjax import distributed, train as trainer
+from anatjax.config import config_name
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':args', e.g. configs/afire_vitb.py:runlocal",
@@ -36,11 +37,7 @@ flags.mark_flags_as_required(["config"])
 
 def default_workdir(config_arg: str) -> str:
   """'configs/afire_vitb.py:variant=S/16,runlocal' -> 'workdirs/afire_vitb_variant-S16_runlocal'."""
-  path, _, args = config_arg.partition(":")
-  name = os.path.splitext(os.path.basename(path))[0]
-  if args:
-    name += "_" + re.sub(r"[^A-Za-z0-9_.-]+", "", args.replace(",", "_").replace("=", "-"))
-  return os.path.join("workdirs", name)
+  return os.path.join("workdirs", config_name(config_arg))
 
 
 def main(argv):

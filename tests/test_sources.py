@@ -16,7 +16,8 @@ from anatjax.data.lesions import LesionConfig
 from configs import afire_vitb
 from test_decode import write_dicom
 
-FIXTURES = "/work/shared/fixtures/nih_cxr14"
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
+                        "nih_cxr14")
 SIZE = 32
 
 

@@ -20,6 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from anatjax.config import config_name
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Evaluation config, e.g. configs/eval/cxr_probe.py:runlocal",
     lock_config=True)
@@ -28,15 +30,6 @@ _INIT = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results go (see the module doc).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a run (default: newest).")
 flags.mark_flags_as_required(["config"])
-
-
-def config_name(config_arg: str) -> str:
-  """'configs/eval/cxr_probe.py:runlocal,num_seeds=3' -> 'cxr_probe_runlocal_num_seeds-3'."""
-  path, _, args = config_arg.partition(":")
-  name = os.path.splitext(os.path.basename(path))[0]
-  if args:
-    name += "_" + re.sub(r"[^A-Za-z0-9_.-]+", "", args.replace(",", "_").replace("=", "-"))
-  return name
 
 
 def default_workdir(config_arg: str, init: str) -> str:

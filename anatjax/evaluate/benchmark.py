@@ -66,7 +66,6 @@ def pretraining_config(config, recipe: str) -> ml_collections.ConfigDict:
   c.data.num_workers = config.pretrain.num_workers
   c.batch_size = config.pretrain.batch_size
   c.duration = config.pretrain.duration
-  c.log_every = max(1, c.log_every)
   c.checkpoint.every = config.pretrain.duration
   _update(c, config.pretrain.overrides.get(c.method, {}))
   c.lock()
@@ -115,12 +114,13 @@ def run(config, workdir: str, log=print) -> dict:
     for name, init in encoders.items():
       tick = time.perf_counter()
       out = os.path.join(workdir, protocol, name)
-      if _reusable(out, protocol_config, init):
+      results = _read_results(out)
+      if _same_evaluation(results, protocol_config, init):
         log(f"== {protocol}: {name} (reusing {out}/results.json)")
       else:
         log(f"== {protocol}: {name}")
         evaluate_lib.evaluate(protocol_config, init, out, log=log)
-      results = _read_results(out)   # as saved (NaN as null), fresh or reused alike
+        results = _read_results(out)   # as saved (NaN as null), like reused results
       per_run[(protocol, name)] = results
       records += [dict(r, encoder=name) for r in results["records"]]
       seconds[f"{protocol}/{name}"] = time.perf_counter() - tick
@@ -145,9 +145,8 @@ def _read_results(out: str) -> dict | None:
     return json.load(f)
 
 
-def _reusable(out: str, protocol_config, init: str) -> bool:
-  """Whether `out` holds results of this config and encoder."""
-  results = _read_results(out)
+def _same_evaluation(results: dict | None, protocol_config, init: str) -> bool:
+  """Whether saved `results` came from this config and encoder."""
   if results is None:
     return False
   same_init = results["init"] == (init if init == "random" else os.path.abspath(init))
