@@ -5,6 +5,22 @@ its method's block, its optimiser and its decoder or head sizes."""
 import ml_collections
 
 
+def file_source_fields() -> dict:
+  """The data fields of real sources (anatjax/data/radiographs.py, decode.py,
+  bad_files.py), shared by the pretraining and the evaluation configs."""
+  return dict(
+      selection="all",         # all | normal_frontal (No Finding and a PA/AP view)
+      uncertain="zeros",       # CheXpert-style uncertain (-1) labels: zeros | ones | ignore
+      mimic_labels="chexpert", # mimic_cxr_jpg's label CSV: chexpert | negbio
+      split_file="",           # split_list: the `relative_path l0 ... lN` file
+      split_labels="",         # split_list label order: '' (unnamed) or a CLASS_NAMES key
+      intensity="minmax",      # per image: minmax | percentile (between `percentiles`)
+      percentiles=(0.5, 99.5),
+      geometry="resize",       # resize (whole image, no crop) | pad | crop
+      max_bad_fraction=0.01,   # stop before training if more listed files are missing
+  )
+
+
 def pretraining_config(method: str, variant: str) -> ml_collections.ConfigDict:
   """The shared fields at the full (accelerator) size, unlocked for the recipe to extend."""
   c = ml_collections.ConfigDict()
@@ -25,16 +41,7 @@ def pretraining_config(method: str, variant: str) -> ml_collections.ConfigDict:
       source_seed=0,           # which synthetic patients
       repeats_per_epoch=1,     # an epoch shows each image this many times
       num_workers=2,           # Grain worker processes per host
-      # Real sources (anatjax/data/radiographs.py, decode.py, bad_files.py):
-      selection="all",         # all | normal_frontal (No Finding and a PA/AP view)
-      uncertain="zeros",       # CheXpert-style uncertain (-1) labels: zeros | ones | ignore
-      mimic_labels="chexpert", # mimic_cxr_jpg's label CSV: chexpert | negbio
-      split_file="",           # split_list: the `relative_path l0 ... lN` file
-      split_labels="",         # split_list label order: '' (unnamed) or a CLASS_NAMES key
-      intensity="minmax",      # per image: minmax | percentile (between `percentiles`)
-      percentiles=(0.5, 99.5),
-      geometry="resize",       # resize (whole image, no crop) | pad | crop
-      max_bad_fraction=0.01,   # stop before training if more listed files are missing
+      **file_source_fields(),
   )
   c.model = dict(
       variant=variant,

@@ -29,6 +29,7 @@ import csv
 import glob
 import gzip
 import os
+import re
 
 import numpy as np
 
@@ -245,6 +246,21 @@ def read_split_file(path: str, num_classes: int | None = None) -> tuple[list[str
   if rows and len({len(r) for r in rows}) != 1:
     raise ValueError(f"{path}: lines have different numbers of labels")
   return names, np.asarray(rows, np.int64).reshape(len(rows), -1)
+
+
+def patient_id(path: str) -> str:
+  """Who an image belongs to, from its path in the collection's own layout: NIH names
+  `<patient>_<follow-up>.png`, CheXpert folders `patient<N>`, MIMIC folders `p<subject>`;
+  anything else (RSNA: one image per patient) is its own patient (the file name). Used to
+  carve evaluation splits without putting one patient on both sides."""
+  name = os.path.basename(path)
+  nih = re.fullmatch(r"(\d{8})_\d{3}\.png", name)
+  if nih:
+    return "nih:" + nih.group(1)
+  for part in reversed(os.path.normpath(path).split(os.sep)[:-1]):
+    if re.fullmatch(r"patient\d+|p\d{8}", part):
+      return part
+  return os.path.splitext(name)[0]
 
 
 READERS = {"nih_cxr14": nih_cxr14, "chexpert": chexpert, "mimic_cxr_jpg": mimic_cxr_jpg,

@@ -1,4 +1,5 @@
-"""Downstream evaluation of a pretrained encoder on the embedded synthetic radiographs.
+"""Downstream evaluation of a pretrained encoder, on the embedded synthetic radiographs or
+a real labelled collection (data.source; anatjax/evaluate/real_data.py).
 
 `evaluate(config, init, workdir)` runs one protocol (configs/eval/<protocol>.py) on the
 encoder named by `init` ('random', a training run's directory, or a weights file) and
@@ -14,7 +15,9 @@ Protocols (one module each):
                 silhouette                                               (anatomy.py)
   segmentation  anatomy segmentation from 10 / 100 % of the masks: a light decoder on
                 the fine-tuned or frozen encoder, Dice per structure (segmentation.py)
-Everything is a function of the config's seeds: the same command gives the same numbers.
+The anatomy protocols need anatomy label maps, which only the synthetic data has; real
+localisation is scored against boxes (NIH BBox_List_2017.csv, RSNA). Everything is a
+function of the config's seeds: the same command gives the same numbers.
 The SynthCXR benchmark (benchmark.py, configs/eval/synthcxr_benchmark.py) pretrains every
 method and runs every protocol on each trained encoder and a random one.
 """
@@ -27,11 +30,13 @@ import time
 from anatjax.evaluate import (anatomy, data, features, localisation, probes, report,
                               segmentation)
 
+# protocol -> (run_protocol(config, encoder, splits, out_dir, log), what it is scored on:
+# 'findings' (the data's finding classes) or 'anatomy' (the synthetic anatomy labels)).
 PROTOCOLS = {
-    "cxr_probe": (probes.run_protocol, data.FINDING_NAMES),
-    "localisation": (localisation.run_protocol, data.FINDING_NAMES),
-    "anatomy": (anatomy.run_protocol, data.ANATOMY_NAMES),
-    "segmentation": (segmentation.run_protocol, data.ANATOMY_NAMES),
+    "cxr_probe": (probes.run_protocol, "findings"),
+    "localisation": (localisation.run_protocol, "findings"),
+    "anatomy": (anatomy.run_protocol, "anatomy"),
+    "segmentation": (segmentation.run_protocol, "anatomy"),
 }
 
 
@@ -43,7 +48,11 @@ def evaluate(config, init: str, workdir: str, step: int | None = None, log=print
   """Runs config.protocol on the `init` encoder; writes and returns the results."""
   if config.protocol not in PROTOCOLS:
     raise SetupError(f"config protocol={config.protocol!r}: use one of {sorted(PROTOCOLS)}")
-  run_protocol, classes = PROTOCOLS[config.protocol]
+  run_protocol, target = PROTOCOLS[config.protocol]
+  if target == "anatomy" and config.data.source != "synthetic_cxr":
+    raise SetupError(f"protocol {config.protocol} scores anatomy label maps, which only the "
+                     f"synthetic data has; data.source={config.data.source} has none (real "
+                     "collections: cxr_probe and localisation)")
   seconds = {}
   start = time.perf_counter()
   try:
@@ -59,9 +68,12 @@ def evaluate(config, init: str, workdir: str, step: int | None = None, log=print
     log(f"  note: the encoder was trained at {encoder.image_size} px, evaluated at {size} px")
   tick = time.perf_counter()
   try:
-    splits = data.load_splits(config.data, size)
-  except ValueError as e:
+    splits = data.load_splits(config.data, size, workdir=workdir, log=log)
+  except (ValueError, FileNotFoundError) as e:
     raise SetupError(str(e)) from e
+  if config.protocol == "localisation" and not splits["test"].located.any():
+    raise SetupError(f"localisation: no test image of {splits['test'].origin} has a box or "
+                     "mask of a finding (NIH: put BBox_List_2017.csv in data.root)")
   seconds["data"] = time.perf_counter() - tick
   tick = time.perf_counter()
   out = run_protocol(config, encoder, splits, workdir, log=log)
@@ -76,13 +88,14 @@ def evaluate(config, init: str, workdir: str, step: int | None = None, log=print
       "init": init_name,
       "encoder": encoder.info,
       "seeds": [int(s) for s in config.seeds],
-      "classes": list(classes),
-      "data": {"source": config.data.source, "source_seed": config.data.source_seed,
-               "image_size": size, "num_train": config.data.num_train,
-               "num_val": config.data.num_val, "num_test": config.data.num_test},
+      "classes": list(splits["test"].class_names if target == "findings"
+                      else data.ANATOMY_NAMES),
+      "data": {"source": config.data.source, "image_size": size,
+               "splits": {s.name: {"count": len(s), "from": s.origin}
+                          for s in splits.values()}},
       "config": config.to_dict(),
       "records": records,
-      "notes": out["notes"],
+      "notes": [n for s in splits.values() for n in s.notes] + out["notes"],
       "seconds": seconds,
   }
   results["figures"] = report.write_figures(workdir, config.protocol, out["figures"],

@@ -14,14 +14,18 @@ ground-truth masks and boxes, which training never saw:
 - a location prior (reference, not an encoder map): the mean training mask of the
   finding, i.e. what knowing only where a finding usually sits scores.
 Token maps are upsampled bilinearly to pixels and min-max normalised per image.
-Scores on the test images that have the finding: pointing game (the map's maximum inside
-the mask, optionally within a tolerance), and IoU / Dice / box IoU of the map thresholded
-at the level with the best mean IoU on the validation images (one per map and finding).
+Scores on the test images where the finding is located (a mask, or for real collections
+a box, filled): pointing game (the map's maximum inside the mask, optionally within a
+tolerance), and IoU / Dice / box IoU of the map thresholded at the level with the best
+mean IoU on the validation images (one per map and finding). Where only test images
+have boxes (NIH), half of their patients take the validation role (`scoring_parts`),
+and the prior is their mean box.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import cv2
 import flax.linen as nn
@@ -29,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anatjax.evaluate import data as data_lib, features as features_lib, metrics, probes
+from anatjax.evaluate import (data as data_lib, features as features_lib, metrics, probes,
+                              real_data)
 from anatjax.methods.common import normalize
 
 MAPS = ("gradcam", "evidence")
@@ -107,28 +112,25 @@ def threshold_scores(heatmap, mask, box, thresholds=THRESHOLDS) -> dict[str, np.
   return {"iou": iou, "dice": dice, "box_iou": box_iou}
 
 
-def finding_mask(split, i: int, c: int) -> np.ndarray:
-  return (split.finding_masks[i] >> c) & 1 == 1
-
-
 def score_split(split, pixel_map, tolerance: float) -> dict:
   """{finding c: {"pointing": [n], "iou"/"dice"/"box_iou": [n, T]}} over the images
-  that have finding c; pixel_map(i, c) -> [S, S] in [0, 1]."""
+  where finding c is located (has a mask or box); pixel_map(i, c) -> [S, S] in [0, 1]."""
   out = {}
   for c in range(split.findings.shape[1]):
-    rows = np.flatnonzero(split.findings[:, c])
+    rows = np.flatnonzero(split.located[:, c])
     scores = {"pointing": [], "iou": [], "dice": [], "box_iou": []}
     for i in rows:
-      heatmap, mask = pixel_map(i, c), finding_mask(split, i, c)
+      heatmap, mask = pixel_map(i, c), split.finding_mask(i, c)
       scores["pointing"].append(metrics.pointing_game(heatmap, mask, tolerance))
       for key, value in threshold_scores(heatmap, mask, split.boxes[i, c]).items():
         scores[key].append(value)
-    out[c] = {k: np.asarray(v, np.float64).reshape(len(rows), -1) if k != "pointing"
-              else np.asarray(v, np.float64) for k, v in scores.items()}
+    out[c] = {k: np.asarray(v, np.float64).reshape(
+        (len(rows),) if k == "pointing" else (len(rows), len(THRESHOLDS)))
+              for k, v in scores.items()}
   return out
 
 
-def choose_thresholds(val_scores: dict) -> tuple[dict, list[str]]:
+def choose_thresholds(val_scores: dict, names) -> tuple[dict, list[str]]:
   """The threshold with the best mean validation IoU, per finding (the pooled choice for
   a finding without validation positives)."""
   pooled = np.concatenate([s["iou"] for s in val_scores.values() if len(s["iou"])] or
@@ -140,14 +142,13 @@ def choose_thresholds(val_scores: dict) -> tuple[dict, list[str]]:
       chosen[c] = int(np.argmax(s["iou"].mean(0)))
     else:
       chosen[c] = fallback
-      notes.append(f"{data_lib.FINDING_NAMES[c]}: no validation image has it; the "
+      notes.append(f"{names[c]}: no validation image has it located; the "
                    "threshold pooled over findings is used")
   return chosen, notes
 
 
-def summarise(test_scores: dict, thresholds: dict, **fields) -> list[dict]:
-  """Records per finding and their mean over findings with test positives."""
-  names = data_lib.FINDING_NAMES
+def summarise(test_scores: dict, thresholds: dict, names, **fields) -> list[dict]:
+  """Records per finding and their mean over findings with located test positives."""
   records, per_metric = [], {"pointing_game": [], "iou": [], "dice": [], "box_iou": []}
   for c, s in test_scores.items():
     n = len(s["pointing"])
@@ -168,16 +169,36 @@ def summarise(test_scores: dict, thresholds: dict, **fields) -> list[dict]:
   return records
 
 
-def location_prior(train, size: int) -> np.ndarray:
-  """[C, S, S]: the mean training mask of each finding, min-max scaled."""
+def location_prior(split) -> np.ndarray:
+  """[C, S, S]: the mean mask (or box) of each finding over the split's images where it
+  is located, min-max scaled."""
+  size = split.images.shape[-1]
   priors = []
-  for c in range(train.findings.shape[1]):
-    rows = np.flatnonzero(train.findings[:, c])
-    mean = (((train.finding_masks[rows] >> c) & 1).mean(0) if len(rows)
-            else np.zeros((size, size)))
+  for c in range(split.findings.shape[1]):
+    mean = np.zeros((size, size))
+    rows = np.flatnonzero(split.located[:, c])
+    for i in rows:
+      mean += split.finding_mask(i, c)
+    mean /= max(1, len(rows))
     lo, hi = float(mean.min()), float(mean.max())
     priors.append((mean - lo) / (hi - lo) if hi > lo else np.zeros_like(mean))
   return np.asarray(priors, np.float32)
+
+
+def scoring_parts(val, test, seed: int) -> tuple[np.ndarray | None, np.ndarray, list[str]]:
+  """(positions of test images that choose thresholds or None: val does, positions of
+  the test images scored, notes). Collections with boxes only on test images (NIH) split
+  those images in half by patient: one half chooses, the other is scored."""
+  everything = np.arange(len(test))
+  if val.located.any():
+    return None, everything, []
+  located = np.flatnonzero(test.located.any(1))
+  parts = real_data.carve_by_patient([test.names[i] for i in located], {"val": 0.5}, seed)
+  choose = located[parts["val"]]
+  note = (f"no validation image has a box or mask: the thresholds and the location prior "
+          f"come from {len(choose)} of the {len(located)} test images that do (half their "
+          f"patients), and localisation is scored on the other {len(located) - len(choose)}")
+  return choose, np.setdiff1d(everything, choose), [note]
 
 
 def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
@@ -185,16 +206,20 @@ def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
   cfg = config.localisation
   train, val, test = splits["train"], splits["val"], splits["test"]
   size = train.images.shape[-1]
-  names = list(data_lib.FINDING_NAMES)
+  names = list(test.class_names)
   bs = config.batch_size
   tolerance = cfg.pointing_tolerance
-  records, notes, examples = [], [], {}
+  choose_rows, score_rows, notes = scoring_parts(val, test, config.data.split_seed)
+  choose = val if choose_rows is None else test.take(choose_rows, "val")
+  scored = test.take(score_rows)
+  records, examples = [], {}
 
-  prior = location_prior(train, size)
-  prior_val = score_split(val, lambda i, c: prior[c], tolerance)
-  prior_thresholds, _ = choose_thresholds(prior_val)
-  records += summarise(score_split(test, lambda i, c: prior[c], tolerance), prior_thresholds,
-                       method="prior", seed=None, label_fraction=float(cfg.label_fraction))
+  prior = location_prior(train if train.located.any() else choose)
+  prior_thresholds, _ = choose_thresholds(
+      score_split(choose, lambda i, c: prior[c], tolerance), names)
+  records += summarise(score_split(scored, lambda i, c: prior[c], tolerance),
+                       prior_thresholds, names, method="prior", seed=None,
+                       label_fraction=float(cfg.label_fraction))
 
   feats = {s.name: features_lib.extract(encoder, s.images, bs)["mean"] for s in (train, val)}
   stats = probes.norm_stats(feats["train"])
@@ -214,41 +239,47 @@ def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
       else:
         raise ValueError(f"config localisation.classifiers: unknown {kind!r}; use "
                          "'linear', 'finetune'")
-      maps = {s.name: token_maps(classifier, s.images, bs) for s in (val, test)}
+      test_maps = token_maps(classifier, test.images, bs)
       baseline = token_maps(classifier, train.images[:cfg.baseline_images], bs)["evidence"]
-      for split_maps in maps.values():
-        split_maps["evidence"] = split_maps["evidence"] - baseline.mean(0)
+      test_maps["evidence"] = test_maps["evidence"] - baseline.mean(0)
+      maps = {"scored": {k: v[score_rows] for k, v in test_maps.items()}}
+      if choose_rows is None:
+        maps["choose"] = token_maps(classifier, val.images, bs)
+        maps["choose"]["evidence"] = maps["choose"]["evidence"] - baseline.mean(0)
+      else:
+        maps["choose"] = {k: v[choose_rows] for k, v in test_maps.items()}
       common = dict(seed=int(seed), label_fraction=float(cfg.label_fraction))
-      auc = metrics.multilabel_auroc(test.findings, maps["test"]["logits"], names)
+      auc = metrics.multilabel_auroc(test.findings, test_maps["logits"], names)
       records += probes.auroc_records(auc, method=f"{kind}/classifier", **common)
       for name in MAPS:
-        def pixel_map(split, name=name):
-          return lambda i, c: to_pixels(maps[split][name][i, c], size)
-        val_scores = score_split(val, pixel_map("val"), tolerance)
-        thresholds, more_notes = choose_thresholds(val_scores)
+        def pixel_map(part, name=name):
+          return lambda i, c: to_pixels(maps[part][name][i, c], size)
+        thresholds, more_notes = choose_thresholds(
+            score_split(choose, pixel_map("choose"), tolerance), names)
         notes += [n for n in more_notes if n not in notes]
-        test_scores = score_split(test, pixel_map("test"), tolerance)
-        method_records = summarise(test_scores, thresholds, method=f"{kind}/{name}", **common)
+        method_records = summarise(score_split(scored, pixel_map("scored"), tolerance),
+                                   thresholds, names, method=f"{kind}/{name}", **common)
         records += method_records
         means = {r["metric"]: r["value"] for r in method_records if r["cls"] == "mean"}
         log(f"  {kind}/{name:8s} seed {seed}: pointing {means['pointing_game']:.3f} "
             f"IoU {means['iou']:.3f} Dice {means['dice']:.3f} (classifier test AUROC "
             f"{auc['mean']:.3f})")
       if seed == config.seeds[0]:
-        examples[kind] = example_panels(test, maps["test"], prior, size)
+        examples[kind] = example_panels(scored, maps["scored"], prior, size)
   return {"records": records, "notes": notes, "figures": {"examples": examples}}
 
 
 def example_panels(test, maps: dict, prior: np.ndarray, size: int) -> list[dict]:
-  """The first test image with each finding, its true mask and every map (pixels)."""
+  """The first test image where each finding is located, its true mask (or box) and
+  every map (pixels)."""
   panels = []
-  for c, name in enumerate(data_lib.FINDING_NAMES):
-    rows = np.flatnonzero(test.findings[:, c])
+  for c, name in enumerate(test.class_names):
+    rows = np.flatnonzero(test.located[:, c])
     if not len(rows):
       continue
     i = int(rows[0])
-    panels.append({"finding": name, "index": int(test.indices[i]), "image": test.images[i],
-                   "mask": finding_mask(test, i, c),
+    panels.append({"finding": name, "item": os.path.basename(test.names[i]),
+                   "image": test.images[i], "mask": test.finding_mask(i, c),
                    "maps": {**{m: to_pixels(maps[m][i, c], size) for m in MAPS},
                             "prior": prior[c]}})
   return panels

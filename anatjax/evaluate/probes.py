@@ -350,7 +350,7 @@ def probe_init(cfg) -> bool:
 def run_protocol(config, encoder, splits, out_dir: str, log=print) -> dict:
   """Linear probe and/or fine-tuning at each label fraction and seed; test AUROC."""
   train, val, test = splits["train"], splits["val"], splits["test"]
-  names = list(data_lib.FINDING_NAMES)
+  names = list(train.class_names)
   bs = config.batch_size
   feats = {s.name: features_lib.extract(encoder, s.images, bs) for s in (train, val, test)}
   kind = config.linear.features

@@ -139,11 +139,12 @@ def markdown(results: dict) -> str:
   enc = results["encoder"]
   described = ", ".join(f"{k} {enc[k]}" for k in ("kind", "method", "variant", "depth",
                                                   "image_size", "step") if k in enc)
+  data = results["data"]
+  counts = " / ".join(f"{s['count']} {name}" for name, s in data["splits"].items())
   lines = [f"# {results['protocol']}: {results['init']}", "",
-           f"Encoder: {described}. Evaluated at {results['data']['image_size']} px on "
-           f"{results['data']['num_train']} train / {results['data']['num_val']} val / "
-           f"{results['data']['num_test']} test synthetic images; seeds "
-           f"{results['seeds']}; {results['seconds']['total']:.0f} s.", ""]
+           f"Encoder: {described}. Evaluated at {data['image_size']} px on {counts} "
+           f"{data['source']} images; seeds {results['seeds']}; "
+           f"{results['seconds']['total']:.0f} s.", ""]
   body = {"cxr_probe": lambda r: markdown_probe(r, results["classes"]),
           "localisation": lambda r: markdown_localisation(r, results["classes"]),
           "anatomy": lambda r: markdown_anatomy(r, results["classes"]),
@@ -310,7 +311,7 @@ def anomaly_maps(panels: list[dict], path: str, title: str, size: int = 160) -> 
   for i, panel in enumerate(panels):
     y = top + i * (size + pad)
     text(img, panel["finding"], (6, y + size // 2))
-    text(img, f"#{panel['index']}", (6, y + size // 2 + 16), 0.35, GREY)
+    text(img, panel["item"][-16:], (6, y + size // 2 + 16), 0.35, GREY)
     tiles = [overlay(panel["image"], None, panel["mask"], size)]
     tiles += [overlay(panel["image"], m, panel["mask"], size) for m in panel["maps"].values()]
     for j, tile in enumerate(tiles):

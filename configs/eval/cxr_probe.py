@@ -18,8 +18,14 @@ Metric: test AUROC per finding and its mean.
   python -m anatjax.evaluate --config=configs/eval/cxr_probe.py:runlocal --init=random
   # the full protocol, 3 seeds (accelerators):
   python -m anatjax.evaluate --config=configs/eval/cxr_probe.py:num_seeds=3 --init=RUN_DIR
+  # NIH ChestX-ray14's 14 findings (official test list, val carved by patient), with the
+  # literature's label subsets; decoded splits kept for the next run:
+  python -m anatjax.evaluate --config=configs/eval/cxr_probe.py:source=nih_cxr14 \
+      --config.data.root=/data/nih --config.data.cache_dir=/data/cache \
+      --config.data.subsets_dir=/data/nih/splits \
+      --config.data.subset_pattern='train_{percent}percent_split.txt' --init=RUN_DIR
 
-Arguments: variant=, num_seeds=, runlocal, tiny (configs/eval/common.py), and
+Arguments: variant=, num_seeds=, source=, runlocal, tiny (configs/eval/common.py), and
 linear_only (skip fine-tuning). Writes OUT/results.json, OUT/results.md,
 OUT/figures/auroc_vs_labels.png (default OUT: RUN_DIR/eval/cxr_probe..., or
 workdirs/eval/cxr_probe..._random).

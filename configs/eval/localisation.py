@@ -17,8 +17,12 @@ thresholded at the level with the best validation IoU.
   # with a fine-tuned classifier too (slower):
   python -m anatjax.evaluate --config=configs/eval/localisation.py:runlocal,finetune --init=RUN_DIR
 
-Arguments: variant=, num_seeds=, runlocal, tiny (configs/eval/common.py), finetune (add
-the fine-tuned classifier; the full-size default has both). Writes OUT/results.json,
+Real data: source=nih_cxr14 (or rsna_pneumonia) with --config.data.root=DIR scores the
+maps against the collection's boxes (filled), on the test images that have them; NIH has
+boxes only there, so half of their patients choose the thresholds (a note says so).
+
+Arguments: variant=, num_seeds=, source=, runlocal, tiny (configs/eval/common.py),
+finetune (add the fine-tuned classifier; the full-size default has both). Writes OUT/results.json,
 OUT/results.md, OUT/figures/anomaly_maps_<classifier>.png.
 
 What to expect from runlocal on 2 CPU cores: about 25 s (with finetune about 75-100 s).
