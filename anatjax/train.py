@@ -166,6 +166,9 @@ def make_train_step(method, step_key, accumulate: int = 1, mesh=None):
       (grads, loss_metrics), _ = jax.lax.scan(add_micro, zeros,
                                               (jnp.arange(accumulate), micro))
 
+    forward_state = loss_metrics.pop("method_state", {})   # summed over micro-batches
+    method_state = {**method_state,
+                    **jax.tree.map(lambda x: x / accumulate, forward_state)}
     updates, opt_state = method.optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     method_state = method.after_update(params, method_state, step)
@@ -286,6 +289,11 @@ def train(config, workdir: str) -> dict:
       state = jax.device_put(with_pretrained_encoder(config, method, state),
                              state_shardings)
       say(f"Initialised the encoder from {config.init_from}.")
+    if method.warm_start:
+      params, method_state, done = method.warm_start(state["params"], state["method_state"])
+      state = jax.device_put(dict(state, params=params, method_state=method_state),
+                             state_shardings)
+      say(done)
 
   if is_main:  # only now: a refused resume leaves the run's own config.json in place
     with open(os.path.join(workdir, "config.json"), "w") as f:

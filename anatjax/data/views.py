@@ -16,13 +16,15 @@ import numpy as np
 
 
 def random_resized_crop(image, rng: np.random.Generator, size: int,
-                        scale: tuple[float, float], ratio=(3 / 4, 4 / 3)):
+                        scale: tuple[float, float], ratio=(3 / 4, 4 / 3),
+                        interpolation=cv2.INTER_CUBIC):
   """A random box of `scale` x the image's area and aspect ratio in `ratio` (log-uniform),
-  resized to [size, size] (bicubic); the whole image when ten draws do not fit.
+  resized to [size, size] (bicubic by default: MAE, DINO; LD's is bilinear); the whole
+  image when ten draws do not fit.
 
-  The sampling rule of torchvision's RandomResizedCrop, which MAE and DINO use.
+  The sampling rule of torchvision's RandomResizedCrop, which MAE, DINO and LD use.
   """
-  height, width = image.shape
+  height, width = image.shape[:2]
   area = height * width
   for _ in range(10):
     target = area * rng.uniform(*scale)
@@ -34,7 +36,7 @@ def random_resized_crop(image, rng: np.random.Generator, size: int,
       left = int(rng.integers(0, width - w + 1))
       image = image[top:top + h, left:left + w]
       break
-  return cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+  return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A method is data plus pure functions; the trainer calls them without knowing which method
 runs. The train state the trainer keeps is {step, params, opt_state, method_state}: `params`
 is what the optimiser updates, `method_state` everything else the method carries across
-steps (EMA teachers, prototype buffers, queues), updated inside the jitted step.
+steps (EMA teachers, prototype buffers, queues, BatchNorm running statistics), updated
+inside the jitted step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import optax
 
 from anatjax.config import closest
 
-METHODS = ("afire", "mae", "dino")
+METHODS = ("afire", "mae", "dino", "ld")
 
 
 class Method(NamedTuple):
@@ -29,7 +30,10 @@ class Method(NamedTuple):
   prepare: Callable[..., Any]
   # (params, method_state, context, batch, rng, step) -> (loss, metrics). With gradient
   # accumulation `batch` is one micro-batch and the micro-batches' losses and metrics
-  # are summed, so a method normalises by batch-wide counts from `context`.
+  # are summed, so a method normalises by batch-wide counts from `context`. A forward
+  # pass that updates state (BatchNorm running statistics) returns the new values under
+  # metrics["method_state"]: they replace those entries of method_state, averaged over
+  # the micro-batches (not summed), and are not logged.
   loss: Callable[..., Any]
   # (params, method_state, step) -> method_state; the non-gradient update after the step
   after_update: Callable[..., Any]
@@ -43,6 +47,10 @@ class Method(NamedTuple):
   host_transforms: tuple
   # name -> step -> value, logged with the metrics (learning rate, momentum, ...)
   schedules: dict
+  # Host side, once when a run starts from scratch (not on resume): (params,
+  # method_state) -> (params, method_state, what was done), e.g. LD stage 2 copying
+  # stage 1's weights from its run. None: nothing to do.
+  warm_start: Callable[..., Any] | None = None
 
 
 def make(config, schedule) -> Method:
