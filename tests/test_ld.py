@@ -203,3 +203,21 @@ def test_bad_ld_settings_fail_clearly(tmp_path):
   method = methods.make(config, Schedule.from_config(config, 32))
   with pytest.raises(FileNotFoundError, match="workdir of the stage-1 run"):
     method.warm_start({}, {"batch_stats": {}})
+
+
+def test_export_writes_the_whole_unet_of_a_run(stage1, tmp_path):
+  from anatjax import export  # pylint: disable=g-import-not-at-top
+  stage1_dir, first = stage1
+  out = str(tmp_path / "ld.safetensors")
+  info = export.export_run(stage1_dir, out)
+  assert info["format"] == "anatjax-ld-unet" and info["step"] == 6 and info["stage"] == 1
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  tensors = safetensors.numpy.load_file(out)
+  kernel = jax.device_get(first["state"]["params"]["encoder"]["stage1_0"]["conv"]["kernel"])
+  np.testing.assert_array_equal(tensors["encoder.stage1_0.conv.weight"],
+                                kernel.transpose(3, 2, 0, 1))
+  running = jax.device_get(first["state"]["method_state"]["batch_stats"]["decoder"]["up4_0"]
+                           ["bn"]["var"])
+  np.testing.assert_array_equal(tensors["decoder.up4_0.bn.running_var"], running)
+  with pytest.raises(ValueError, match="whole U-Net"):
+    export.export_run(stage1_dir, out, format="npz")

@@ -176,3 +176,28 @@ def test_sharded_batch_gives_global_batch_statistics(variables, images, train_ou
   for got_leaf, want_leaf in zip(jax.tree.leaves(got["batch_stats"]),
                                  jax.tree.leaves(want["batch_stats"])):
     np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=1e-5)
+
+
+def test_pytorch_reference_module_matches_the_export(variables, tmp_path):
+  """The exported state dict loads strictly into anatjax/export/ld_unet_torch.py, and the
+  PyTorch module (inference mode, running statistics) gives the Flax outputs."""
+  torch = pytest.importorskip("torch")
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  from anatjax.export import ld_unet_torch, unet as unet_export  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  stats = jax.tree.map(lambda a: rng.uniform(0.5, 1.5, a.shape).astype(np.float32),
+                       variables["batch_stats"])
+  trained = {"params": variables["params"], "batch_stats": stats}
+  info = unet_export.export_unet(trained["params"], stats, str(tmp_path / "ld.safetensors"),
+                                 metadata={"method": "ld"})
+  assert info["torch_create_model"].endswith("(in_channels=1, num_clusters=16, embedding_dim=32)")
+  model = ld_unet_torch.LDUNet(in_channels=1, num_clusters=16)
+  model.load_state_dict(safetensors.torch.load_file(str(tmp_path / "ld.safetensors")),
+                        strict=True)
+  model.eval()
+  images = rng.normal(size=(2, 32, 32, 1)).astype(np.float32)
+  v, a = MODEL.apply(trained, images, train=False)
+  with torch.no_grad():
+    tv, ta = model(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  np.testing.assert_allclose(tv.numpy().transpose(0, 2, 3, 1), v, atol=1e-4)
+  np.testing.assert_allclose(ta.numpy().transpose(0, 2, 3, 1), a, atol=1e-4)

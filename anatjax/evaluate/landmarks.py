@@ -6,8 +6,8 @@ spec fixes it:
   1. per-pixel embeddings v of the support S and of every query Q (the LD U-Net in
      inference mode, BatchNorm running statistics);
   2. the centre-sensitive field v' = L2norm(G * v / G * 1): an isotropic Gaussian, sigma
-     = size / 32 (16 px at 512), truncated to a size / 8 window (64 px at 512),
-     normalised at the borders;
+     = size / 32 (16 px at 512), truncated to a size / 8 window (65 px at 512: odd, so
+     centred on a pixel), normalised at the borders;
   3. for each landmark t of the support, the query's prediction is the pixel maximising
      v'_Q(p) . v'_S(t) (landmarks independently).
 Error: radial distance in pixels, reported at 512 x 512 scale (the spec's metric) and
@@ -84,9 +84,10 @@ def phantom_landmarks(anatomy: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ the field
 def gaussian_window(size: int) -> np.ndarray:
-  """The 1-D Gaussian of the centre-sensitive field: sigma size/32, width size/8."""
-  sigma, width = size / 32.0, max(1, size // 8)
-  offsets = np.arange(width) - (width - 1) / 2.0
+  """The 1-D Gaussian of the centre-sensitive field: sigma size/32, width size/8 made odd
+  (65 at 512) so that it is centred on a pixel."""
+  sigma, half = size / 32.0, max(0, size // 16)
+  offsets = np.arange(-half, half + 1, dtype=np.float64)
   return np.exp(-0.5 * (offsets / sigma) ** 2).astype(np.float32)
 
 
@@ -128,8 +129,10 @@ def locate(support_field, points, query_fields) -> np.ndarray:
 class LDEmbedder:
   """images uint8 [N, S, S(, C)] -> centre-sensitive fields [N, S, S, D]."""
 
-  def __init__(self, variables, num_clusters: int, channels: int, description: str):
+  def __init__(self, variables, num_clusters: int, channels: int, description: str,
+               trained_size: int):
     self.variables, self.channels, self.description = variables, channels, description
+    self.trained_size = trained_size   # the crops it was trained on: the default size
     model = LDUNet(num_clusters=num_clusters)
     self._embed = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
 
@@ -141,14 +144,15 @@ class LDEmbedder:
       raise ValueError(f"{run_dir} is a {config.method} run: landmarks need an LD run")
     variables = {"params": state["params"], **state["method_state"]}
     return cls(variables, config.ld.num_clusters, config.model.channels,
-               f"LD stage {config.ld.stage} run {os.path.abspath(run_dir)} step {step}")
+               f"LD stage {config.ld.stage} run {os.path.abspath(run_dir)} step {step}",
+               config.ld.crop_size)
 
   @classmethod
   def random(cls, size: int, seed: int = 0, num_clusters: int = 16) -> LDEmbedder:
     model = LDUNet(num_clusters=num_clusters)
     variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(seed), jnp.zeros((1, size, size, 1)))
-    return cls(variables, num_clusters, 1, f"random LD U-Net (seed {seed})")
+    return cls(variables, num_clusters, 1, f"random LD U-Net (seed {seed})", size)
 
   def fields(self, images: np.ndarray, batch_size: int = 8) -> jax.Array:
     size = images.shape[1]
@@ -274,16 +278,17 @@ def run(init: str, workdir: str, *, size: int | None = None, num_queries: int = 
         num_supports: int = 5, support: str = "", support_points: str = "",
         queries: str = "", truth: str = "", log=print) -> dict:
   """The command (module docstring): the synthetic protocol, or a folder of queries."""
+  def check(size):
+    if size % 16:
+      raise ValueError(f"--size={size}: the U-Net needs a multiple of 16")
+    return size
+
   if init == "random":
-    size = size or 64
+    size = check(size or 64)
     embedder = LDEmbedder.random(size)
   else:
     embedder = LDEmbedder.from_run(init)
-    if size is None:
-      from anatjax.train import load_checkpoint  # pylint: disable=g-import-not-at-top
-      size = load_checkpoint(init)[0].ld.crop_size
-  if size % 16:
-    raise ValueError(f"--size={size}: the U-Net needs a multiple of 16")
+    size = check(size or embedder.trained_size)
   os.makedirs(workdir, exist_ok=True)
   results = {"encoder": embedder.description, "size": size}
   if support:

@@ -3,6 +3,7 @@
 Export (NumPy + safetensors only, no torch):
   export_encoder(params, out, image_size=..., format="timm"|"npz", metadata=...) -> sidecar
   export_run(workdir, out, step=None, which="teacher", format="timm") -> sidecar
+    (an LD run: the whole U-Net for anatjax/export/ld_unet_torch.py, see export/unet.py)
 Import (what `--config.init_from=FILE` uses):
   import_encoder(path, target_params, image_size=...) -> params like target_params
   It reads timm-style .safetensors, big_vision .npz, or a .pth/.pt checkpoint (torch, if
@@ -32,7 +33,7 @@ import safetensors
 import safetensors.numpy
 
 from anatjax import config as config_lib
-from anatjax.export import vit as vit_table
+from anatjax.export import unet, vit as vit_table
 
 FORMAT_VERSION = 1
 FORMATS = ("timm", "npz")
@@ -254,6 +255,15 @@ def export_run(workdir: str, out: str, *, step: int | None = None, which: str = 
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"No checkpoints/ in {workdir}: pass the --workdir of a run.")
   config, method, state, step = trainer.load_checkpoint(workdir, step)
+  if method.name == "ld":   # a U-Net, not a ViT: the whole network, for the reference module
+    if which not in ("auto", "student") or format != "timm":
+      raise ValueError("LD runs export the whole U-Net as a PyTorch safetensors state dict: "
+                       "use the defaults --which=auto --format=timm")
+    return unet.export_unet(
+        state["params"], state["method_state"]["batch_stats"], out,
+        metadata={"method": "ld", "step": int(step), "stage": config.ld.stage,
+                  "config": json.loads(json.dumps(config.to_dict(), default=str)),
+                  "workdir": os.path.abspath(workdir)})
   params = method.encoder(state["params"], state["method_state"], which)
   metadata = {
       "method": method.name,

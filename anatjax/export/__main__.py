@@ -8,7 +8,8 @@ r"""Export a run's encoder for PyTorch / timm.
 strict=True (the exact call is printed and stored in the metadata); --format=npz writes
 big_vision's layout for timm's `model.load_pretrained(path)`. Both write FILE.json beside
 (method, step, config, image size, channels, normalisation). Needs NumPy + safetensors
-only: torch and timm are not imported.
+only: torch and timm are not imported. An LD run exports its whole U-Net for the
+reference module anatjax/export/ld_unet_torch.py (anatjax/export/unet.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def usage(info: dict, out: str, fmt: str) -> str:
   """What the command prints: what it wrote and the PyTorch lines that load it."""
+  if info["format"] == "anatjax-ld-unet":
+    return "\n".join([
+        f"Wrote the LD U-Net (stage {info['stage']}, step {info['step']}) to {out} and "
+        f"{out}.json.",
+        "Load it in PyTorch:",
+        "  import anatjax.export.ld_unet_torch, safetensors.torch",
+        f"  model = {info['torch_create_model']}",
+        f"  model.load_state_dict(safetensors.torch.load_file({out!r}), strict=True)",
+        f"Input: {info['input']}. Transfer: {info['transfer']}."])
   size = info["image_size"]
   lines = [
       f"Wrote the {info.get('which', '')} encoder of step {info.get('step')} "
