@@ -21,6 +21,10 @@ Arguments: stage=1|2, runlocal (80 px synthetic radiographs cropped to 64, batch
 a few hundred steps), fundus (3-channel colour images: data.source=image_folder; set
 data.root).
 
+What to expect from runlocal on 2 CPU cores: stage 1 about 4 minutes, loss 13.8 -> 4.8;
+stage 2 about 5 minutes, loss 31.1 -> 7.3, about 12 of the 16 clusters in use per image
+(metric clusters_used).
+
 Larger batches change the method (more negatives, centres over more images): keep
 batch_size = 8 for faithful runs and scale it only as an explicit experiment.
 """

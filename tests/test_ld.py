@@ -221,3 +221,14 @@ def test_export_writes_the_whole_unet_of_a_run(stage1, tmp_path):
   np.testing.assert_array_equal(tensors["decoder.up4_0.bn.running_var"], running)
   with pytest.raises(ValueError, match="whole U-Net"):
     export.export_run(stage1_dir, out, format="npz")
+
+
+def test_landmarks_after_a_short_stage1_beat_the_untrained_network(stage1, tmp_path):
+  """Six stage-1 steps at 32 px already give fields that find the phantom landmarks
+  better than an untrained network: mean radial error (at 512 px scale) 95.6 measured,
+  vs 120.5 for a random U-Net on the same queries and supports (not recomputed here)."""
+  from anatjax.evaluate import landmarks  # pylint: disable=g-import-not-at-top
+  results = landmarks.run(stage1[0], str(tmp_path), num_queries=16, num_supports=2,
+                          log=lambda *_: None)
+  assert results["size"] == 32
+  assert results["synthetic"]["ld"]["mean_radial_error"] < 110.0
