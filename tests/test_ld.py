@@ -232,3 +232,36 @@ def test_landmarks_after_a_short_stage1_beat_the_untrained_network(stage1, tmp_p
                           log=lambda *_: None)
   assert results["size"] == 32
   assert results["synthetic"]["ld"]["mean_radial_error"] < 110.0
+
+
+def test_transfer_dice_loss_and_structures():
+  from anatjax.evaluate import unet_transfer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  p, g = rng.random((2, 5, 5)), (rng.random((2, 5, 5)) < 0.4).astype(np.float32)
+  want = -2 * (p * g).sum() / (g.sum() + p.sum() + 1)
+  assert float(unet_transfer.soft_dice_loss(p, g)) == pytest.approx(want, rel=1e-5)
+  empty = np.zeros_like(g)   # no foreground: both inverted
+  want = -2 * ((1 - p) * 1).sum() / (np.ones_like(g).sum() + (1 - p).sum() + 1)
+  assert float(unet_transfer.soft_dice_loss(p, empty)) == pytest.approx(want, rel=1e-5)
+  from anatjax.data.synthetic_cxr import ANATOMY_NAMES  # pylint: disable=g-import-not-at-top
+  anatomy = np.array([[ANATOMY_NAMES.index("right_lung"), ANATOMY_NAMES.index("heart")],
+                      [ANATOMY_NAMES.index("left_lung"), 0]])
+  np.testing.assert_array_equal(unet_transfer.structure_masks(anatomy, "lungs"),
+                                [[1, 0], [1, 0]])
+  np.testing.assert_array_equal(unet_transfer.image_dice(
+      np.float32([[[0.9, 0.2]], [[0.1, 0.1]]]), np.uint8([[[1, 1]], [[0, 0]]])), [2 / 3, 1.0])
+
+
+def test_segmentation_transfer_of_an_ld_run(stage1, tmp_path):
+  """The protocol end to end on the stage-1 run's encoder: records per structure and
+  fraction, the figure with the run's clustering."""
+  from anatjax import evaluate  # pylint: disable=g-import-not-at-top
+  from configs.eval import ld_segmentation  # pylint: disable=g-import-not-at-top
+  results = evaluate.evaluate(ld_segmentation.get_config("tiny"), stage1[0], str(tmp_path),
+                              log=lambda *_: None)
+  assert results["classes"] == ["heart", "lungs"] and results["encoder"]["method"] == "ld"
+  dice = {(r["class"], r["label_fraction"]): r["value"] for r in results["records"]}
+  assert set(dice) == {(c, f) for c in ("heart", "lungs", "mean") for f in (0.5, 1.0)}
+  assert all(0.0 <= v <= 1.0 for v in dice.values())
+  assert results["figures"] == ["figures/transfer_examples.png"]
+  assert "| transfer |" in open(tmp_path / "results.md").read()

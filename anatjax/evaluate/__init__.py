@@ -15,6 +15,8 @@ Protocols (one module each):
                 silhouette                                               (anatomy.py)
   segmentation  anatomy segmentation from 10 / 100 % of the masks: a light decoder on
                 the fine-tuned or frozen encoder, Dice per structure (segmentation.py)
+  ld_segmentation  LD's transfer protocol: an LD run's U-Net encoder under a new U-Net
+                decoder, one structure at a time, frozen then fine-tuned (unet_transfer.py)
 The anatomy protocols need anatomy label maps, which only the synthetic data has; real
 localisation is scored against boxes (NIH BBox_List_2017.csv, RSNA). Everything is a
 function of the config's seeds: the same command gives the same numbers.
@@ -26,17 +28,26 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable, NamedTuple
 
 from anatjax.evaluate import (anatomy, data, features, localisation, probes, report,
-                              segmentation)
+                              segmentation, unet_transfer)
 
-# protocol -> (run_protocol(config, encoder, splits, out_dir, log), what it is scored on:
-# 'findings' (the data's finding classes) or 'anatomy' (the synthetic anatomy labels)).
+class Protocol(NamedTuple):
+  run: Callable          # (config, encoder, splits, out_dir, log) -> records, notes, figures
+  scored_on: str         # 'findings' (the data's), 'anatomy' (synthetic labels) or
+                         # 'structures' (config.transfer.structures, synthetic anatomy)
+  load_encoder: Callable = features.load_encoder   # (init, config, step) -> encoder
+  splits: tuple = data.SPLITS                      # the evaluation splits it reads
+
+
 PROTOCOLS = {
-    "cxr_probe": (probes.run_protocol, "findings"),
-    "localisation": (localisation.run_protocol, "findings"),
-    "anatomy": (anatomy.run_protocol, "anatomy"),
-    "segmentation": (segmentation.run_protocol, "anatomy"),
+    "cxr_probe": Protocol(probes.run_protocol, "findings"),
+    "localisation": Protocol(localisation.run_protocol, "findings"),
+    "anatomy": Protocol(anatomy.run_protocol, "anatomy"),
+    "segmentation": Protocol(segmentation.run_protocol, "anatomy"),
+    "ld_segmentation": Protocol(unet_transfer.run_protocol, "structures",
+                                unet_transfer.load_encoder, ("train", "test")),
 }
 
 
@@ -48,15 +59,15 @@ def evaluate(config, init: str, workdir: str, step: int | None = None, log=print
   """Runs config.protocol on the `init` encoder; writes and returns the results."""
   if config.protocol not in PROTOCOLS:
     raise SetupError(f"config protocol={config.protocol!r}: use one of {sorted(PROTOCOLS)}")
-  run_protocol, target = PROTOCOLS[config.protocol]
-  if target == "anatomy" and config.data.source != "synthetic_cxr":
+  protocol = PROTOCOLS[config.protocol]
+  if protocol.scored_on != "findings" and config.data.source != "synthetic_cxr":
     raise SetupError(f"protocol {config.protocol} scores anatomy label maps, which only the "
                      f"synthetic data has; data.source={config.data.source} has none (real "
                      "collections: cxr_probe and localisation)")
   seconds = {}
   start = time.perf_counter()
   try:
-    encoder = features.load_encoder(init, config, step)
+    encoder = protocol.load_encoder(init, config, step)
     size = features.eval_image_size(encoder, config)
   except (ValueError, FileNotFoundError) as e:
     raise SetupError(str(e)) from e
@@ -68,7 +79,7 @@ def evaluate(config, init: str, workdir: str, step: int | None = None, log=print
     log(f"  note: the encoder was trained at {encoder.image_size} px, evaluated at {size} px")
   tick = time.perf_counter()
   try:
-    splits = data.load_splits(config.data, size, workdir=workdir, log=log)
+    splits = data.load_splits(config.data, size, protocol.splits, workdir=workdir, log=log)
   except (ValueError, FileNotFoundError) as e:
     raise SetupError(str(e)) from e
   if config.protocol == "localisation" and not splits["test"].located.any():
@@ -76,7 +87,7 @@ def evaluate(config, init: str, workdir: str, step: int | None = None, log=print
                      "mask of a finding (NIH: put BBox_List_2017.csv in data.root)")
   seconds["data"] = time.perf_counter() - tick
   tick = time.perf_counter()
-  out = run_protocol(config, encoder, splits, workdir, log=log)
+  out = protocol.run(config, encoder, splits, workdir, log=log)
   seconds["protocol"] = time.perf_counter() - tick
   seconds["total"] = time.perf_counter() - start
   init_name = "random" if init == "random" else os.path.abspath(init)
@@ -88,8 +99,10 @@ def evaluate(config, init: str, workdir: str, step: int | None = None, log=print
       "init": init_name,
       "encoder": encoder.info,
       "seeds": [int(s) for s in config.seeds],
-      "classes": list(splits["test"].class_names if target == "findings"
-                      else data.ANATOMY_NAMES),
+      "classes": list({"findings": splits["test"].class_names,
+                       "anatomy": data.ANATOMY_NAMES,
+                       "structures": config.get("transfer", {}).get("structures", ())
+                       }[protocol.scored_on]),
       "data": {"source": config.data.source, "image_size": size,
                "splits": {s.name: {"count": len(s), "from": s.origin}
                           for s in splits.values()}},

@@ -192,7 +192,10 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
 
 
 def lr_schedule(cfg, total_steps: int, batch_size: int):
-  """Linear warm-up to base_lr x batch / 256, then cosine to 0."""
+  """Linear warm-up to base_lr x batch / 256, then cosine to 0; or, where the loop's cfg
+  sets constant_lr, that lr throughout (LD's transfer protocol)."""
+  if cfg.get("constant_lr"):
+    return optax.constant_schedule(float(cfg.constant_lr))
   lr = cfg.base_lr * batch_size / 256
   warmup = max(1, int(round(cfg.warmup_fraction * total_steps)))
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))

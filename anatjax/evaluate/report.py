@@ -103,6 +103,13 @@ def markdown_segmentation(records, structures) -> list[str]:
                          "test split):", labels="masks")
 
 
+def markdown_transfer(records, structures) -> list[str]:
+  return fraction_tables(records, structures, "dice",
+                         "Test Dice (per image, averaged over the test images; mean over "
+                         "the structures; ± std over seeds):", "Test Dice per structure:",
+                         labels="masks")
+
+
 def markdown_localisation(records, classes) -> list[str]:
   maps = [m for m in unique(records, "method") if not m.endswith("/classifier")]
   metric_names = ("pointing_game", "iou", "dice", "box_iou")
@@ -148,7 +155,8 @@ def markdown(results: dict) -> str:
   body = {"cxr_probe": lambda r: markdown_probe(r, results["classes"]),
           "localisation": lambda r: markdown_localisation(r, results["classes"]),
           "anatomy": lambda r: markdown_anatomy(r, results["classes"]),
-          "segmentation": lambda r: markdown_segmentation(r, results["classes"])}
+          "segmentation": lambda r: markdown_segmentation(r, results["classes"]),
+          "ld_segmentation": lambda r: markdown_transfer(r, results["classes"])}
   lines += body[results["protocol"]](results["records"])
   if results["notes"]:
     lines += ["", "Notes:", ""] + [f"- {n}" for n in results["notes"]]
@@ -373,6 +381,30 @@ def segmentation_examples(figure: dict, names, path: str, title: str) -> str:
   return label_grid(figure["examples"], columns, names, path, title, alpha=0.5)
 
 
+def transfer_examples(figure: dict, path: str, title: str, size: int = 128) -> str:
+  """Rows: test images; columns: the image (with the LD run's clustering, when there is
+  one) and each structure's predicted probability with the true outline in green."""
+  columns = ["image"] + (["LD clusters"] if "clusters" in figure else [])
+  columns += [f"{n}, {100 * figure['label_fraction']:g}% masks" for n in figure["structures"]]
+  pad, top = 6, 44
+  rows = figure["examples"]
+  img = canvas(len(columns) * (size + pad) + pad, top + max(1, len(rows)) * (size + pad))
+  text(img, title, (8, 18), 0.5)
+  for j, name in enumerate(columns):
+    text(img, name, (pad + j * (size + pad), top - 8), 0.35)
+  for i, example in enumerate(rows):
+    y = top + i * (size + pad)
+    tiles = [upscale(grey_bgr(example["image"]), size)]
+    if "clusters" in figure:
+      tiles.append(cv2.addWeighted(tiles[0], 0.4, label_image(figure["clusters"][i], size),
+                                   0.6, 0))
+    tiles += [overlay(example["image"], figure["predictions"][n][i], example["truth"][n],
+                      size) for n in figure["structures"]]
+    for j, tile in enumerate(tiles):
+      img[y:y + size, pad + j * (size + pad):pad + j * (size + pad) + size] = tile
+  return save(path, img)
+
+
 def write_figures(out_dir: str, protocol: str, figures: dict, results: dict) -> list[str]:
   """The protocol's figures under OUT/figures/; returns their paths relative to OUT."""
   fig_dir = os.path.join(out_dir, "figures")
@@ -395,6 +427,10 @@ def write_figures(out_dir: str, protocol: str, figures: dict, results: dict) -> 
         f"Test patch tokens of the {init} encoder, {emb['method']}, coloured by structure"))
     written.append(anatomy_examples(figures["examples"], results["classes"],
                                     os.path.join(fig_dir, "anatomy_examples.png")))
+  if protocol == "ld_segmentation" and figures.get("examples"):
+    written.append(transfer_examples(
+        figures, os.path.join(fig_dir, "transfer_examples.png"),
+        f"LD segmentation transfer ({init} encoder); green = true outline"))
   if protocol == "segmentation" and figures.get("examples"):
     written.append(segmentation_examples(
         figures, results["classes"], os.path.join(fig_dir, "segmentation_examples.png"),
