@@ -19,7 +19,12 @@ K = 16 soft regions) 80k steps from the stage-1 run.
 
 Arguments: stage=1|2, runlocal (80 px synthetic radiographs cropped to 64, batch 8,
 a few hundred steps), fundus (3-channel colour images: data.source=image_folder; set
-data.root).
+data.root), shape_guided (with stage=2: K = 8, B = 3 and the adversarial shape prior on
+cluster channel 0; reference shapes from ld.shape.masks_dir or the phantom's lungs;
+runlocal: 192 px cropped to 160, the discriminator's smallest input).
+
+  python -m anatjax.main --config=configs/ld_unet.py:stage=2,shape_guided,runlocal \
+      --config.ld.init_from_run=runs/ld1 --workdir=runs/ld_shape
 
 What to expect from runlocal on 2 CPU cores: stage 1 about 4 minutes, loss 13.8 -> 4.8;
 stage 2 about 5 minutes, loss 31.1 -> 7.3, about 12 of the 16 clusters in use per image
@@ -34,7 +39,7 @@ from configs.common import pretraining_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, stage=1, runlocal=False, fundus=False)
+  arg = parse_arg(arg, stage=1, runlocal=False, fundus=False, shape_guided=False)
   c = pretraining_config("ld", "")
   c.batch_size = 8                 # images = 2 x B samples (B = 4)
   c.duration = "20000st" if arg.stage == 1 else "80000st"
@@ -66,7 +71,26 @@ def get_config(arg=None):
       p_greyscale=0.2,
       view2_ops="d4",              # d4 (mirror + quarter turns) | rot4 (reference parity)
       lam_range=(0.2, 0.8),        # mixup weight
+      # Shape-guided variant (spec 7.2): an adversarial shape prior on one cluster channel
+      shape=dict(
+          enabled=False,
+          masks_dir="",            # reference masks (binary images); '' = the phantom's
+          structure="lungs",       # ... masks of this structure (synthetic_cxr.STRUCTURES)
+          num_reference=10,        # reference shapes in the bank
+          reference_seed=1,        # which synthetic patients give them
+          channel=0,               # the cluster channel that must look like them
+          slope=0.2,               # discriminator LeakyReLU (1.0: the reference's identity)
+          w_adv=1.0,
+          lr_scale=0.05,           # discriminator lr = this x the network's
+          max_cut=0.1,             # reference augmentation: crop up to this of each side
+      ),
   )
+  if arg.shape_guided:
+    if arg.stage != 2:
+      raise ValueError("shape_guided is a stage-2 variant: use stage=2,shape_guided")
+    c.batch_size = 6               # B = 3 samples
+    c.ld.num_clusters = 8
+    c.ld.shape.enabled = True
   if arg.fundus:
     c.data.source = "image_folder"
   if arg.runlocal:
@@ -76,6 +100,8 @@ def get_config(arg=None):
     c.data.num_examples = 256
     c.data.num_workers = 1
     c.ld.crop_size = 64
+    if arg.shape_guided:           # the discriminator needs at least 160 px
+      c.data.image_size, c.ld.crop_size = 192, 160
     c.ld.lr_halve_every = "150st"
     c.checkpoint.every = "100st"
   c.lock()

@@ -22,12 +22,15 @@ with image B + j and uses the first one's lambda (anatjax/methods/ld.py). Emits 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import cv2
 import grain
 import numpy as np
 
 from anatjax import dihedral
+from anatjax.data import decode
+from anatjax.data.synthetic_cxr import SyntheticCXR, structure_mask
 from anatjax.data.views import random_resized_crop
 
 VIEW2_OPS = ("d4", "rot4")
@@ -130,3 +133,57 @@ class LDViews(grain.transforms.RandomMap):
             "view2": np.ascontiguousarray(dihedral.apply(view2, mirror, turns)),
             "mirror": np.int8(mirror), "turns": np.int8(turns),
             "lam": np.float32(rng.uniform(*self.lam_range))}
+
+
+class ShapeReferences(grain.transforms.RandomMap):
+  """Adds `shape_masks` float32 [2, size, size, 1]: for each of the image's two views a
+  reference shape of the shape-guided variant (spec 7.2), drawn from `bank` (uint8
+  [R, H, W], nonzero = inside) and augmented: horizontal and vertical flips (p = 0.5
+  each), a rotation U(0, 360) degrees, a random crop removing up to `max_cut` of each
+  side, a bilinear resize to size x size, binarised at > 0.1."""
+
+  def __init__(self, bank: np.ndarray, size: int, max_cut: float = 0.1):
+    if bank.ndim != 3 or not len(bank):
+      raise ValueError(f"shape references: expected masks [R, H, W], got {bank.shape}")
+    self.bank, self.size, self.max_cut = np.asarray(bank > 0, np.float32), size, max_cut
+
+  def _one(self, rng: np.random.Generator):
+    mask = self.bank[rng.integers(len(self.bank))]
+    if rng.random() < 0.5:
+      mask = mask[:, ::-1]
+    if rng.random() < 0.5:
+      mask = mask[::-1]
+    height, width = mask.shape
+    matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2),
+                                     rng.uniform(0.0, 360.0), 1.0)
+    mask = cv2.warpAffine(np.ascontiguousarray(mask), matrix, (width, height),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    top, bottom = (int(rng.uniform(0, self.max_cut) * height) for _ in range(2))
+    left, right = (int(rng.uniform(0, self.max_cut) * width) for _ in range(2))
+    mask = mask[top:height - bottom, left:width - right]
+    mask = cv2.resize(mask, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+    return (mask > 0.1).astype(np.float32)[..., None]
+
+  def random_map(self, element, rng: np.random.Generator):
+    return {**element, "shape_masks": np.stack([self._one(rng), self._one(rng)])}
+
+
+def shape_bank(masks_dir: str, structure: str, count: int, size: int,
+               seed: int) -> np.ndarray:
+  """uint8 [R, H, W] reference shapes: the first `count` mask images (sorted names) of
+  `masks_dir`, or, without one, `structure` masks of `count` synthetic patients drawn
+  with `seed` (other patients than the training images': the "other modality")."""
+  if masks_dir:
+    names = sorted(n for n in os.listdir(masks_dir) if decode.is_image_file(n))[:count]
+    if not names:
+      raise FileNotFoundError(f"config ld.shape.masks_dir={masks_dir!r}: no mask images")
+    masks = []
+    for name in names:
+      mask = cv2.imread(os.path.join(masks_dir, name), cv2.IMREAD_GRAYSCALE)
+      if mask is None:
+        raise ValueError(f"{os.path.join(masks_dir, name)}: not a readable mask image")
+      masks.append(cv2.resize((mask > 0).astype(np.uint8), (size, size),
+                              interpolation=cv2.INTER_NEAREST))
+    return np.stack(masks)
+  phantoms = SyntheticCXR("pretrain", image_size=size, num_examples=count, seed=seed)
+  return np.stack([structure_mask(phantoms[i]["anatomy"], structure) for i in range(count)])

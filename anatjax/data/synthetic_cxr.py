@@ -90,8 +90,10 @@ __all__ = [
   "FINDING_NAMES",
   "FINDING_PROB",
   "SPLITS",
+  "STRUCTURES",
   "SyntheticCXR",
   "cardiothoracic_ratio",
+  "structure_mask",
 ]
 
 ANATOMY_NAMES: tuple[str, ...] = (
@@ -108,6 +110,39 @@ ANATOMY_NAMES: tuple[str, ...] = (
   "clavicles",
   "humeri",
 )
+# Structures made of anatomy labels (the published radiograph segmentation tasks' heart,
+# lungs and clavicles), for segmentation targets and reference shapes.
+STRUCTURES: dict[str, tuple[str, ...]] = {
+  "heart": ("heart",),
+  "lungs": ("right_lung", "left_lung"),
+  "clavicles": ("clavicles",),
+}
+# Ribs and clavicles are painted over the lungs, so the lung labels alone are the gaps
+# between ribs. A lung field, as JSRT/SCR's lung masks draw it, includes what lies
+# behind them: within the convex hull of each lung's pixels, lung, rib and clavicle.
+_BEHIND_LUNG = ("right_lung", "left_lung", "ribs", "clavicles")
+
+
+def structure_mask(anatomy: np.ndarray, structure: str) -> np.ndarray:
+  """uint8 mask (1 inside) of a STRUCTURES entry in an anatomy label map ([S, S] or
+  [N, S, S]); lungs are lung fields (see _BEHIND_LUNG)."""
+  if structure not in STRUCTURES:
+    raise ValueError(f"unknown structure {structure!r}; known: {sorted(STRUCTURES)}")
+  if anatomy.ndim == 3:
+    return np.stack([structure_mask(a, structure) for a in anatomy])
+  labels = [ANATOMY_NAMES.index(n) for n in STRUCTURES[structure]]
+  if structure != "lungs":
+    return np.isin(anatomy, labels).astype(np.uint8)
+  hulls = np.zeros(anatomy.shape, np.uint8)
+  for label in labels:
+    ys, xs = np.nonzero(anatomy == label)
+    if len(ys) >= 3:
+      points = np.stack([xs, ys], 1).astype(np.int32)
+      cv2.fillConvexPoly(hulls, cv2.convexHull(points), 1)
+  behind = np.isin(anatomy, [ANATOMY_NAMES.index(n) for n in _BEHIND_LUNG])
+  return (hulls.astype(bool) & behind).astype(np.uint8)
+
+
 FINDING_NAMES: tuple[str, ...] = (
   "nodule",
   "consolidation",

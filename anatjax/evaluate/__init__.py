@@ -17,6 +17,8 @@ Protocols (one module each):
                 the fine-tuned or frozen encoder, Dice per structure (segmentation.py)
   ld_segmentation  LD's transfer protocol: an LD run's U-Net encoder under a new U-Net
                 decoder, one structure at a time, frozen then fine-tuned (unet_transfer.py)
+  ld_shape      a shape-guided LD run's prior channel against the reference structure,
+                without labels (shape_prior.py)
 The anatomy protocols need anatomy label maps, which only the synthetic data has; real
 localisation is scored against boxes (NIH BBox_List_2017.csv, RSNA). Everything is a
 function of the config's seeds: the same command gives the same numbers.
@@ -31,23 +33,37 @@ import time
 from typing import Callable, NamedTuple
 
 from anatjax.evaluate import (anatomy, data, features, localisation, probes, report,
-                              segmentation, unet_transfer)
+                              segmentation, shape_prior, unet_transfer)
+
+def finding_classes(config, splits, encoder):
+  del config, encoder
+  return splits["test"].class_names
+
+
+def anatomy_classes(config, splits, encoder):
+  del config, splits, encoder
+  return data.ANATOMY_NAMES
+
 
 class Protocol(NamedTuple):
   run: Callable          # (config, encoder, splits, out_dir, log) -> records, notes, figures
-  scored_on: str         # 'findings' (the data's), 'anatomy' (synthetic labels) or
-                         # 'structures' (config.transfer.structures, synthetic anatomy)
+  classes: Callable      # (config, splits, encoder) -> the class names it scores
+  synthetic_only: bool   # scores the synthetic anatomy (real collections have none)
   load_encoder: Callable = features.load_encoder   # (init, config, step) -> encoder
   splits: tuple = data.SPLITS                      # the evaluation splits it reads
 
 
 PROTOCOLS = {
-    "cxr_probe": Protocol(probes.run_protocol, "findings"),
-    "localisation": Protocol(localisation.run_protocol, "findings"),
-    "anatomy": Protocol(anatomy.run_protocol, "anatomy"),
-    "segmentation": Protocol(segmentation.run_protocol, "anatomy"),
-    "ld_segmentation": Protocol(unet_transfer.run_protocol, "structures",
-                                unet_transfer.load_encoder, ("train", "test")),
+    "cxr_probe": Protocol(probes.run_protocol, finding_classes, False),
+    "localisation": Protocol(localisation.run_protocol, finding_classes, False),
+    "anatomy": Protocol(anatomy.run_protocol, anatomy_classes, True),
+    "segmentation": Protocol(segmentation.run_protocol, anatomy_classes, True),
+    "ld_segmentation": Protocol(unet_transfer.run_protocol,
+                                lambda config, splits, encoder: config.transfer.structures,
+                                True, unet_transfer.load_encoder, ("train", "test")),
+    "ld_shape": Protocol(shape_prior.run_protocol,
+                         lambda config, splits, encoder: [encoder.info["shape"]["structure"]],
+                         True, shape_prior.load_encoder, ("test",)),
 }
 
 
@@ -60,7 +76,7 @@ def evaluate(config, init: str, workdir: str, step: int | None = None, log=print
   if config.protocol not in PROTOCOLS:
     raise SetupError(f"config protocol={config.protocol!r}: use one of {sorted(PROTOCOLS)}")
   protocol = PROTOCOLS[config.protocol]
-  if protocol.scored_on != "findings" and config.data.source != "synthetic_cxr":
+  if protocol.synthetic_only and config.data.source != "synthetic_cxr":
     raise SetupError(f"protocol {config.protocol} scores anatomy label maps, which only the "
                      f"synthetic data has; data.source={config.data.source} has none (real "
                      "collections: cxr_probe and localisation)")
@@ -99,10 +115,7 @@ def evaluate(config, init: str, workdir: str, step: int | None = None, log=print
       "init": init_name,
       "encoder": encoder.info,
       "seeds": [int(s) for s in config.seeds],
-      "classes": list({"findings": splits["test"].class_names,
-                       "anatomy": data.ANATOMY_NAMES,
-                       "structures": config.get("transfer", {}).get("structures", ())
-                       }[protocol.scored_on]),
+      "classes": list(protocol.classes(config, splits, encoder)),
       "data": {"source": config.data.source, "image_size": size,
                "splits": {s.name: {"count": len(s), "from": s.origin}
                           for s in splits.values()}},

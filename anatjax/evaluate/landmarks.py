@@ -41,7 +41,7 @@ import numpy as np
 
 from anatjax.data import decode
 from anatjax.data.synthetic_cxr import ANATOMY_NAMES, SyntheticCXR
-from anatjax.methods.ld import normalise
+from anatjax.methods.ld import normalise, unet_variables
 from anatjax.models.unet import LDUNet
 
 LANDMARKS = ("heart_centre", "right_lung_apex", "left_lung_apex",
@@ -142,7 +142,7 @@ class LDEmbedder:
     config, _, state, step = train.load_checkpoint(run_dir, step)
     if config.method != "ld":
       raise ValueError(f"{run_dir} is a {config.method} run: landmarks need an LD run")
-    variables = {"params": state["params"], **state["method_state"]}
+    variables = unet_variables(state["params"], state["method_state"])
     return cls(variables, config.ld.num_clusters, config.model.channels,
                f"LD stage {config.ld.stage} run {os.path.abspath(run_dir)} step {step}",
                config.ld.crop_size)
@@ -274,16 +274,20 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run(init: str, workdir: str, *, size: int | None = None, num_queries: int = 64,
-        num_supports: int = 5, support: str = "", support_points: str = "",
-        queries: str = "", truth: str = "", log=print) -> dict:
-  """The command (module docstring): the synthetic protocol, or a folder of queries."""
+def run(init: str | LDEmbedder, workdir: str, *, size: int | None = None,
+        num_queries: int = 64, num_supports: int = 5, support: str = "",
+        support_points: str = "", queries: str = "", truth: str = "", log=print) -> dict:
+  """The command (module docstring): the synthetic protocol, or a folder of queries.
+  `init`: an LD run directory, 'random', or an LDEmbedder."""
   def check(size):
     if size % 16:
       raise ValueError(f"--size={size}: the U-Net needs a multiple of 16")
     return size
 
-  if init == "random":
+  if isinstance(init, LDEmbedder):
+    embedder = init
+    size = check(size or embedder.trained_size)
+  elif init == "random":
     size = check(size or 64)
     embedder = LDEmbedder.random(size)
   else:

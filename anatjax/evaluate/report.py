@@ -110,6 +110,14 @@ def markdown_transfer(records, structures) -> list[str]:
                          labels="masks")
 
 
+def markdown_shape(records) -> list[str]:
+  return ["Test Dice of the prior channel against the reference structure (mean ± std "
+          "over the test images):", "",
+          table(["prediction", "structure", "Dice"],
+                [[r["method"], r["class"], f"{r['value']:.3f} ± {r['std_over_images']:.3f}"]
+                 for r in records])]
+
+
 def markdown_localisation(records, classes) -> list[str]:
   maps = [m for m in unique(records, "method") if not m.endswith("/classifier")]
   metric_names = ("pointing_game", "iou", "dice", "box_iou")
@@ -156,7 +164,8 @@ def markdown(results: dict) -> str:
           "localisation": lambda r: markdown_localisation(r, results["classes"]),
           "anatomy": lambda r: markdown_anatomy(r, results["classes"]),
           "segmentation": lambda r: markdown_segmentation(r, results["classes"]),
-          "ld_segmentation": lambda r: markdown_transfer(r, results["classes"])}
+          "ld_segmentation": lambda r: markdown_transfer(r, results["classes"]),
+          "ld_shape": markdown_shape}
   lines += body[results["protocol"]](results["records"])
   if results["notes"]:
     lines += ["", "Notes:", ""] + [f"- {n}" for n in results["notes"]]

@@ -32,15 +32,12 @@ import numpy as np
 import optax
 
 from anatjax import config as config_lib
-from anatjax.data.synthetic_cxr import ANATOMY_NAMES
+from anatjax.data.synthetic_cxr import STRUCTURES, structure_mask
 from anatjax.evaluate import data as data_lib, features, metrics, probes
-from anatjax.methods.ld import normalise
+from anatjax.methods.ld import normalise, unet_variables
 from anatjax.models.unet import (SIZE_MULTIPLE, UNetDecoder, VGGEncoder, check_image_size,
                                  conv3x3, torch_default_inits, LDUNet)
 
-# Target structure -> the anatomy labels that make it up.
-STRUCTURES = {"heart": ("heart",), "lungs": ("right_lung", "left_lung"),
-              "clavicles": ("clavicles",)}
 ENCODER_CONVS = 13   # VGG16-BN-tiny: 2 + 2 + 3 + 3 + 3 conv layers
 
 
@@ -90,8 +87,10 @@ def load_encoder(init: str, config, step: int | None = None) -> UNetEncoder:
   variables = method.encoder(state["params"], state["method_state"])
   info = {"init": os.path.abspath(init), "kind": "run", "method": "ld", "step": int(step),
           "stage": run_config.ld.stage, "variant": "LD U-Net encoder",
-          "image_size": run_config.ld.crop_size}
-  whole = {"params": state["params"], **state["method_state"],
+          "image_size": run_config.ld.crop_size,
+          "shape": (run_config.ld.shape.to_dict() if run_config.ld.get("shape")
+                    and run_config.ld.shape.enabled else None)}
+  whole = {**unet_variables(state["params"], state["method_state"]),
            "num_clusters": run_config.ld.num_clusters}
   return UNetEncoder(jax.device_get(variables), run_config.ld.crop_size,
                      run_config.model.channels, info, clusters=whole)
@@ -213,11 +212,6 @@ def fit(encoder: UNetEncoder, images, masks, *, cfg, seed: int, dtype: str,
 
 
 # ------------------------------------------------------------------ the protocol
-def structure_masks(anatomy: np.ndarray, structure: str) -> np.ndarray:
-  labels = [ANATOMY_NAMES.index(n) for n in STRUCTURES[structure]]
-  return np.isin(anatomy, labels).astype(np.uint8)
-
-
 def image_dice(probabilities, truth) -> np.ndarray:
   """Dice per image of `probabilities > 0.5` (1 where both are empty)."""
   predicted = probabilities > 0.5
@@ -243,11 +237,11 @@ def run_protocol(config, encoder: UNetEncoder, splits, out_dir: str, log=print) 
       per_structure = {}
       for name in cfg.structures:
         variables, fit_log = fit(encoder, train.images[positions],
-                                 structure_masks(train.anatomy[positions], name), cfg=cfg,
+                                 structure_mask(train.anatomy[positions], name), cfg=cfg,
                                  seed=int(seed), dtype=config.model.dtype,
                                  eval_batch=config.batch_size)
         probabilities = predict(probabilities_fn, variables, test.images, config.batch_size)
-        dice = image_dice(probabilities, structure_masks(test.anatomy, name))
+        dice = image_dice(probabilities, structure_mask(test.anatomy, name))
         per_structure[name] = float(dice.mean())
         records.append(dict(method="transfer", metric="dice", cls=name, seed=int(seed),
                             label_fraction=float(fraction), value=float(dice.mean()),
@@ -262,7 +256,7 @@ def run_protocol(config, encoder: UNetEncoder, splits, out_dir: str, log=print) 
                           label_fraction=float(fraction),
                           value=float(np.mean(list(per_structure.values())))))
   figure["examples"] = [{"image": shown[i],
-                         "truth": {n: structure_masks(test.anatomy[i], n)
+                         "truth": {n: structure_mask(test.anatomy[i], n)
                                    for n in cfg.structures}} for i in range(len(shown))]
   if encoder.clusters is not None:
     figure["clusters"] = cluster_maps(encoder, shown)

@@ -256,11 +256,13 @@ def export_run(workdir: str, out: str, *, step: int | None = None, which: str = 
     raise FileNotFoundError(f"No checkpoints/ in {workdir}: pass the --workdir of a run.")
   config, method, state, step = trainer.load_checkpoint(workdir, step)
   if method.name == "ld":   # a U-Net, not a ViT: the whole network, for the reference module
+    from anatjax.methods import ld  # pylint: disable=g-import-not-at-top
     if which not in ("auto", "student") or format != "timm":
       raise ValueError("LD runs export the whole U-Net as a PyTorch safetensors state dict: "
                        "use the defaults --which=auto --format=timm")
+    network = ld.unet_variables(state["params"], state["method_state"])
     return unet.export_unet(
-        state["params"], state["method_state"]["batch_stats"], out,
+        network["params"], network["batch_stats"], out,
         metadata={"method": "ld", "step": int(step), "stage": config.ld.stage,
                   "config": json.loads(json.dumps(config.to_dict(), default=str)),
                   "workdir": os.path.abspath(workdir)})

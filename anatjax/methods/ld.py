@@ -14,6 +14,10 @@ B + j. One step (inside the jitted update):
    stage 2: + 10 L_RD + 0.1 L_ent (region discrimination and binary entropy of the
    assignments of the 4B non-mix images) [+ w_area L_area];
 4. Adam (no weight decay), lr 1e-3 halved every 10k steps.
+Shape-guided variant (ld.shape.enabled, stage 2): cluster channel 0 is pushed towards
+reference shapes of another modality by a discriminator trained in the same step
+(`adversarial_terms`; spec 7.2); reference shapes from a mask folder or, on the phantom,
+a structure's masks of other synthetic patients.
 Stage 2 starts from a stage-1 run (`ld.init_from_run`): encoder, decoder and embedding
 head (weights and BatchNorm statistics) copied by name; the cluster head, Adam's state
 and the schedule start afresh.
@@ -29,9 +33,10 @@ import numpy as np
 import optax
 
 from anatjax import config as config_lib, dihedral, losses
-from anatjax.data.ld_views import ColourJitter, LDViews
+from anatjax.data.ld_views import ColourJitter, LDViews, ShapeReferences, shape_bank
 from anatjax.methods import Method
 from anatjax.methods.common import IMAGENET_MEAN, IMAGENET_STD
+from anatjax.models.shape_discriminator import ShapeDiscriminator
 from anatjax.models.unet import SIZE_MULTIPLE, LDUNet
 
 STAGES = (1, 2)
@@ -77,6 +82,33 @@ def ld_losses(embeddings, assignments, batch, lam, cfg) -> dict:
   return terms
 
 
+def log_probability(p):
+  """log p clamped at -100, as PyTorch's BCELoss does."""
+  return jnp.maximum(jnp.log(p), -100.0)
+
+
+def adversarial_terms(discriminator, disc_params, channel_maps, real_masks) -> dict:
+  """The shape prior's two losses from one forward (spec 7.2), separable by gradients:
+    adv  = BCE(D(A_c), 1) with D's parameters under stop-gradient: reaches the network;
+    disc = BCE over [real masks -> 1, sg(A_c) -> 0]: reaches only D.
+  Their sum's gradient is therefore the generator's gradient of `adv` and D's gradient
+  of `disc`, both at the pre-update parameters: the reference's G-then-D update in one
+  step, computed on the same forward pass's A_c."""
+  frozen = jax.lax.stop_gradient(disc_params)
+  fake_for_g = discriminator.apply({"params": frozen}, channel_maps)
+  real = discriminator.apply({"params": disc_params}, real_masks)
+  fake = discriminator.apply({"params": disc_params}, jax.lax.stop_gradient(channel_maps))
+  return {"adv": -jnp.mean(log_probability(fake_for_g)),
+          "disc": -0.5 * (jnp.mean(log_probability(real))
+                          + jnp.mean(log_probability(1.0 - fake)))}
+
+
+def unet_variables(params, method_state) -> dict:
+  """The U-Net's variables of an LD state (without the shape-guided discriminator)."""
+  return {"params": {k: v for k, v in params.items() if k != "discriminator"},
+          "batch_stats": method_state["batch_stats"]}
+
+
 def clusters_used(assignments) -> jax.Array:
   """Mean over images of how many clusters win at least 1 % of an image's pixels."""
   winners = jax.nn.one_hot(jnp.argmax(assignments, -1), assignments.shape[-1])
@@ -100,15 +132,25 @@ def make(config, schedule) -> Method:
     raise ValueError(f"config batch_size={config.batch_size}: LD pairs the images of each "
                      f"(micro-)batch, so batch_size / grad_accum_steps must be even (it is "
                      f"{micro_batch}); batch_size = 2 x ld samples")
+  shape = cfg.shape
+  if shape.enabled and cfg.stage != 2:
+    raise ValueError("config ld.shape.enabled: the shape prior is part of stage 2 (use "
+                     "stage=2,shape_guided)")
   weights = {"pd": cfg.w_pd, "mix": cfg.w_mix, "rd": cfg.w_rd, "ent": cfg.w_ent,
-             "area": cfg.w_area}
+             "area": cfg.w_area, "adv": shape.w_adv, "disc": 1.0}
+  discriminator = ShapeDiscriminator(slope=shape.slope)
   model = LDUNet(num_clusters=cfg.num_clusters, embedding_dim=cfg.embedding_dim,
                  dtype=config_lib.compute_dtype(config.model.dtype))
   accumulate = config.grad_accum_steps
 
   def init(rng):
-    variables = model.init(rng, jnp.zeros((1, size, size, channels)), train=False)
-    return variables["params"], {"batch_stats": variables["batch_stats"]}
+    unet_key, disc_key = jax.random.split(rng)
+    variables = model.init(unet_key, jnp.zeros((1, size, size, channels)), train=False)
+    params = variables["params"]
+    if shape.enabled:
+      params = {**params, "discriminator": discriminator.init(
+          disc_key, jnp.zeros((1, size, size, 1)))["params"]}
+    return params, {"batch_stats": variables["batch_stats"]}
 
   def prepare(params, method_state, batch, step):
     del params, batch, step
@@ -118,9 +160,14 @@ def make(config, schedule) -> Method:
     del context, rng, step
     images, lam = network_input(batch, channels)
     (embeddings, assignments), updated = model.apply(
-        {"params": params, "batch_stats": method_state["batch_stats"]}, images, train=True,
-        mutable=["batch_stats"])
+        unet_variables(params, method_state), images, train=True, mutable=["batch_stats"])
     terms = ld_losses(embeddings, assignments, batch, lam, cfg)
+    if shape.enabled:
+      non_mix = 4 * lam.shape[0]
+      real = jnp.concatenate([batch["shape_masks"][:, 0], batch["shape_masks"][:, 1]])
+      terms.update(adversarial_terms(
+          discriminator, params["discriminator"],
+          assignments[:non_mix, ..., shape.channel:shape.channel + 1], real))
     loss = sum(weights[name] * value for name, value in terms.items()) / accumulate
     metrics = {"loss": loss, **{f"loss_{k}": v / accumulate for k, v in terms.items()}}
     if cfg.stage == 2:
@@ -153,6 +200,14 @@ def make(config, schedule) -> Method:
                   base_rotation=cfg.base_rotation, view_rotation=cfg.view_rotation,
                   jitter=ColourJitter(*cfg.colour_jitter), p_greyscale=cfg.p_greyscale,
                   view2_ops=cfg.view2_ops, lam_range=cfg.lam_range),)
+  if shape.enabled:   # D: Adam at lr_scale x the network's lr, on the same halving
+    disc_lr = lambda step: shape.lr_scale * lr(step)
+    optimizer = optax.multi_transform(
+        {"network": optimizer, "discriminator": optax.adam(disc_lr, b1=0.9, b2=0.999)},
+        lambda p: {k: "discriminator" if k == "discriminator" else "network" for k in p})
+    host += (ShapeReferences(shape_bank(shape.masks_dir, shape.structure,
+                                        shape.num_reference, size, shape.reference_seed),
+                             size, shape.max_cut),)
   return Method("ld", init, prepare, loss_fn, after_update, optimizer, encoder_params,
                 with_encoder, host, {"lr": lr},
                 warm_start=warm_start if cfg.init_from_run else None)
