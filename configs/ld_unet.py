@@ -21,7 +21,7 @@ Arguments: stage=1|2, runlocal (80 px synthetic radiographs cropped to 64, batch
 a few hundred steps), fundus (3-channel colour images: data.source=image_folder; set
 data.root), shape_guided (with stage=2: K = 8, B = 3 and the adversarial shape prior on
 cluster channel 0; reference shapes from ld.shape.masks_dir or the phantom's lungs;
-runlocal: 192 px cropped to 160, the discriminator's smallest input).
+runlocal: 192 px cropped to 160, the discriminator's smallest input, 100 steps).
 
   python -m anatjax.main --config=configs/ld_unet.py:stage=2,shape_guided,runlocal \
       --config.ld.init_from_run=runs/ld1 --workdir=runs/ld_shape
@@ -100,8 +100,9 @@ def get_config(arg=None):
     c.data.num_examples = 256
     c.data.num_workers = 1
     c.ld.crop_size = 64
-    if arg.shape_guided:           # the discriminator needs at least 160 px
-      c.data.image_size, c.ld.crop_size = 192, 160
+    if arg.shape_guided:           # the discriminator needs at least 160 px, where
+      c.data.image_size, c.ld.crop_size = 192, 160   # 2 CPU cores do ~1 image/s
+      c.duration = "100st"
     c.ld.lr_halve_every = "150st"
     c.checkpoint.every = "100st"
   c.lock()

@@ -61,8 +61,8 @@ def main(argv):
     sys.exit(f"Error: {e}")
   print()
   print(open(os.path.join(workdir, "results.md")).read(), flush=True)
-  print(f"Outputs in {os.path.abspath(workdir)}: results.json, results.md, "
-        f"{', '.join(results['figures'])}", flush=True)
+  print(f"Outputs in {os.path.abspath(workdir)}: "
+        f"{', '.join(['results.json', 'results.md', *results['figures']])}", flush=True)
 
 
 def run_benchmark(config_arg: str):
@@ -73,8 +73,8 @@ def run_benchmark(config_arg: str):
   results = benchmark.run(_CONFIG.value, workdir, log=lambda s: print(s, flush=True))
   print()
   print(open(os.path.join(workdir, "results.md")).read(), flush=True)
-  print(f"Outputs in {os.path.abspath(workdir)}: results.json, results.md, "
-        f"{', '.join(results['figures'])}", flush=True)
+  print(f"Outputs in {os.path.abspath(workdir)}: "
+        f"{', '.join(['results.json', 'results.md', *results['figures']])}", flush=True)
 
 
 def parse_flags(argv):
