@@ -182,8 +182,9 @@ def test_pytorch_reference_module_matches_the_export(variables, tmp_path):
   """The exported state dict loads strictly into anatjax/export/ld_unet_torch.py, and the
   PyTorch module (inference mode, running statistics) gives the Flax outputs."""
   torch = pytest.importorskip("torch")
-  import safetensors.torch  # pylint: disable=g-import-not-at-top
-  from anatjax.export import ld_unet_torch, unet as unet_export  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top  (torch only where it is installed)
+  import safetensors.torch
+  from anatjax.export import ld_unet_torch, unet as unet_export
   rng = np.random.default_rng(5)
   stats = jax.tree.map(lambda a: rng.uniform(0.5, 1.5, a.shape).astype(np.float32),
                        variables["batch_stats"])
