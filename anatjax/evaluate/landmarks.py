@@ -41,7 +41,7 @@ import numpy as np
 
 from anatjax.data import decode
 from anatjax.data.synthetic_cxr import ANATOMY_NAMES, SyntheticCXR
-from anatjax.methods.ld import normalise, unet_variables
+from anatjax.methods.ld import image_input, load_run
 from anatjax.models.unet import LDUNet
 
 LANDMARKS = ("heart_centre", "right_lung_apex", "left_lung_apex",
@@ -138,11 +138,7 @@ class LDEmbedder:
 
   @classmethod
   def from_run(cls, run_dir: str, step: int | None = None) -> LDEmbedder:
-    from anatjax import train  # pylint: disable=g-import-not-at-top  (heavy import)
-    config, _, state, step = train.load_checkpoint(run_dir, step)
-    if config.method != "ld":
-      raise ValueError(f"{run_dir} is a {config.method} run: landmarks need an LD run")
-    variables = unet_variables(state["params"], state["method_state"])
+    config, variables, step = load_run(run_dir, step, "landmark localisation")
     return cls(variables, config.ld.num_clusters, config.model.channels,
                f"LD stage {config.ld.stage} run {os.path.abspath(run_dir)} step {step}",
                config.ld.crop_size)
@@ -158,11 +154,8 @@ class LDEmbedder:
     size = images.shape[1]
     out = []
     for start in range(0, len(images), batch_size):
-      x = np.asarray(images[start:start + batch_size], np.float32) / 255.0
-      x = x[..., None] if x.ndim == 3 else x
-      x = np.repeat(x, self.channels, -1) if x.shape[-1] != self.channels else x
-      out.append(centre_sensitive(self._embed(self.variables, normalise(x, self.channels)),
-                                  size))
+      x = image_input(images[start:start + batch_size], self.channels)
+      out.append(centre_sensitive(self._embed(self.variables, x), size))
     return jnp.concatenate(out)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from anatjax import losses
 from anatjax.data.synthetic_cxr import structure_mask
 from anatjax.evaluate import features, unet_transfer
-from anatjax.methods.ld import normalise
+from anatjax.methods.ld import image_input
 from anatjax.models.unet import LDUNet
 
 PREDICTIONS = ("assignment", "pixel_region")
@@ -39,8 +39,7 @@ def predictions(variables, num_clusters: int, channel: int, images, channels: in
 
   out = {name: [] for name in PREDICTIONS}
   for start, stop in features.batches(len(images), batch_size):
-    x = features.pad_to(images[start:stop], batch_size).astype(np.float32)[..., None] / 255
-    x = normalise(np.repeat(x, channels, -1), channels)
+    x = image_input(features.pad_to(images[start:stop], batch_size), channels)
     for name, value in zip(PREDICTIONS, predict(x)):
       out[name].append(np.asarray(value)[:stop - start])
   return {name: np.concatenate(v) for name, v in out.items()}

@@ -34,7 +34,7 @@ import optax
 from anatjax import config as config_lib
 from anatjax.data.synthetic_cxr import STRUCTURES, structure_mask
 from anatjax.evaluate import data as data_lib, features, metrics, probes
-from anatjax.methods.ld import normalise, unet_variables
+from anatjax.methods.ld import image_input, load_run
 from anatjax.models.unet import (SIZE_MULTIPLE, UNetDecoder, VGGEncoder, check_image_size,
                                  conv3x3, torch_default_inits, LDUNet)
 
@@ -79,21 +79,16 @@ def load_encoder(init: str, config, step: int | None = None) -> UNetEncoder:
     return UNetEncoder(None, config.model.image_size, config.model.channels, info)
   if not os.path.isdir(os.path.join(init, "checkpoints")):
     raise ValueError(f"--init={init!r}: expected 'random' or an LD run directory")
-  from anatjax import train  # pylint: disable=g-import-not-at-top  (heavy import)
-  run_config, method, state, step = train.load_checkpoint(init, step)
-  if method.name != "ld":
-    raise ValueError(f"--init={init}: a {method.name} run; this protocol transfers an LD "
-                     "U-Net encoder (ViT encoders: configs/eval/segmentation.py)")
-  variables = method.encoder(state["params"], state["method_state"])
+  run_config, whole, step = load_run(init, step, "protocol ld_segmentation (ViT encoders: "
+                                     "configs/eval/segmentation.py)")
+  variables = {kind: whole[kind]["encoder"] for kind in ("params", "batch_stats")}
   info = {"init": os.path.abspath(init), "kind": "run", "method": "ld", "step": int(step),
           "stage": run_config.ld.stage, "variant": "LD U-Net encoder",
           "image_size": run_config.ld.crop_size,
           "shape": (run_config.ld.shape.to_dict() if run_config.ld.get("shape")
                     and run_config.ld.shape.enabled else None)}
-  whole = {**unet_variables(state["params"], state["method_state"]),
-           "num_clusters": run_config.ld.num_clusters}
-  return UNetEncoder(jax.device_get(variables), run_config.ld.crop_size,
-                     run_config.model.channels, info, clusters=whole)
+  return UNetEncoder(variables, run_config.ld.crop_size, run_config.model.channels, info,
+                     clusters={**whole, "num_clusters": run_config.ld.num_clusters})
 
 
 # ------------------------------------------------------------------ training
@@ -120,9 +115,7 @@ def compiled(channels: int, dtype_name: str):
   phases' train steps and the test forward."""
   model = TransferUNet(config_lib.compute_dtype(dtype_name))
 
-  def to_input(images):
-    x = images.astype(jnp.float32)[..., None] / 255.0
-    return normalise(jnp.broadcast_to(x, x.shape[:-1] + (channels,)), channels)
+  to_input = functools.partial(image_input, channels=channels)
 
   def init(key, images):
     return model.init(key, to_input(images), train_encoder=False, train_decoder=False)
@@ -268,7 +261,5 @@ def cluster_maps(encoder: UNetEncoder, images) -> np.ndarray:
   """[N, S, S] the LD run's arg-max region per pixel."""
   whole = dict(encoder.clusters)
   model = LDUNet(num_clusters=whole.pop("num_clusters"))
-  x = images.astype(np.float32)[..., None] / 255.0
-  x = np.repeat(x, encoder.channels, -1)
-  _, assignments = model.apply(whole, normalise(x, encoder.channels), train=False)
+  _, assignments = model.apply(whole, image_input(images, encoder.channels), train=False)
   return np.asarray(jnp.argmax(assignments, -1))

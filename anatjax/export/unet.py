@@ -23,7 +23,7 @@ LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "ru
 
 def _flat(tree, prefix=()):
   for key, value in tree.items():
-    if isinstance(value, dict) or hasattr(value, "items"):
+    if hasattr(value, "items"):   # dicts and FrozenDicts
       yield from _flat(value, prefix + (str(key),))
     else:
       yield prefix + (str(key),), np.asarray(value)

@@ -51,6 +51,23 @@ def normalise(images, channels: int):
   return (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
+def image_input(images_uint8, channels: int):
+  """uint8 greyscale [N, S, S] -> the network's normalised [N, S, S, channels] (tools that
+  run a trained network on plain images: landmarks, transfer, shape prior)."""
+  x = jnp.asarray(images_uint8).astype(jnp.float32)[..., None] / 255.0
+  return normalise(jnp.broadcast_to(x, x.shape[:-1] + (channels,)), channels)
+
+
+def load_run(run_dir: str, step: int | None = None, purpose: str = "this"):
+  """(config, U-Net variables on the host, step) of an LD run's checkpoint (the newest, or
+  `step`); another method's run is refused, naming `purpose`."""
+  from anatjax import train  # pylint: disable=g-import-not-at-top  (train imports methods)
+  config, _, state, step = train.load_checkpoint(run_dir, step)
+  if config.method != "ld":
+    raise ValueError(f"{run_dir} is a {config.method} run: {purpose} needs an LD run")
+  return config, jax.device_get(unet_variables(state["params"], state["method_state"])), step
+
+
 def network_input(batch, channels: int):
   """The 5B images (I1_v1, I2_v1, I1_v2, I2_v2, mix) of a batch of 2B paired images,
   normalised, and the pairs' mixup weights [B]."""
@@ -216,19 +233,16 @@ def make(config, schedule) -> Method:
 def copy_from_run(run_dir: str, params, method_state):
   """(params, method_state, message) with TRANSFERRED taken from `run_dir`'s newest
   checkpoint, by name, shapes checked; the rest (the cluster head) stays as initialised."""
-  from anatjax import train  # pylint: disable=g-import-not-at-top  (train imports methods)
   if not os.path.isdir(run_dir):
     raise FileNotFoundError(f"config ld.init_from_run={run_dir!r} is not a folder: give the "
                             "workdir of the stage-1 run")
-  config, _, state, step = train.load_checkpoint(run_dir)
-  if config.method != "ld":
-    raise ValueError(f"config ld.init_from_run={run_dir!r} is a {config.method} run, not LD")
+  _, run, step = load_run(run_dir, purpose="config ld.init_from_run")
   params, stats = dict(params), dict(method_state["batch_stats"])
   for name in TRANSFERRED:
-    for tree, source, what in ((params, state["params"], "weights"),
-                               (stats, state["method_state"]["batch_stats"], "statistics")):
+    for tree, source, what in ((params, run["params"], "weights"),
+                               (stats, run["batch_stats"], "statistics")):
       _check_same_shapes(tree[name], source[name], f"{run_dir} {name} {what}")
-      tree[name] = jax.tree.map(np.asarray, source[name])
+      tree[name] = source[name]
   message = (f"Stage 2 starts from {run_dir} step {step}: {', '.join(TRANSFERRED)} copied "
              "(weights and BatchNorm statistics); cluster_head, optimiser and schedule new.")
   return params, dict(method_state, batch_stats=stats), message
