@@ -184,3 +184,25 @@ def area_prior(assignments):
   a = assignments.astype(jnp.float32)
   area = jnp.mean(a, axis=(1, 2))                                    # [N, K]
   return jnp.mean(jnp.square(area - 1.0 / a.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------
+# MoCo-style contrast against a queue of keys (DrasCLR, shared/methods/drasclr.md section 3).
+
+def queue_info_nce(queries, keys, queue, temperature: float):
+  """(mean loss, logits [B, 1 + K]): per row b the logits [q_b.k_b, q_b.Q^T] / t and the
+  cross-entropy with target 0. `keys` and `queue` [K, D] are used as given (callers pass
+  them under stop-gradient); the queries need not be unit vectors (DrasCLR's neighbour
+  query is a sum of two)."""
+  queries = queries.astype(jnp.float32)
+  positive = jnp.sum(queries * keys.astype(jnp.float32), axis=-1, keepdims=True)
+  negative = jnp.matmul(queries, queue.astype(jnp.float32).T, precision=_HIGHEST)
+  logits = jnp.concatenate([positive, negative], axis=-1) / temperature
+  return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0]), logits
+
+
+def top_k_accuracy(logits, k: int):
+  """Fraction of rows whose column 0 (the positive) is among the k largest logits
+  (ties counted in the positive's favour)."""
+  rank = jnp.sum(logits[:, 1:] > logits[:, :1], axis=-1)
+  return jnp.mean((rank < k).astype(jnp.float32))

@@ -110,7 +110,8 @@ class Profiler:
 def build(config):
   """(source, schedule, method) for a config; fails on bad names before any compiling."""
   source = sources.make_source(config.data)
-  schedule = config_lib.Schedule.from_config(config, len(source))
+  schedule = config_lib.Schedule.from_config(
+      config, sources.examples_per_epoch(source, config.batch_size))
   return source, schedule, methods.make(config, schedule)
 
 

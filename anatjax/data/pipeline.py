@@ -17,14 +17,19 @@ def make_dataset(source, host_transforms, *, batch_size: int, seed: int,
   """This process's dataset of batches of `batch_size` (its share of the global batch).
 
   One global stream is defined for every process count: the source shuffled (reshuffled
-  on every pass, since `repeat` reseeds) and transformed with per-example generators
+  on every pass, since `repeat` reseeds), or in the order of its `ordered_stream(seed, global batch size)`,
+  and transformed with per-example generators
   derived from `seed` and the example's position in that stream. Process p of P takes
   positions p, p + P, p + 2P, ... (disjoint examples; only those are ever loaded or
   transformed), so global batch k holds the same examples with the same random lesions
   whatever the number of processes: a run can move to another process count, and
   `start_batch` starts this process's share of the stream at global batch `start_batch`.
   """
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  if hasattr(source, "ordered_stream"):
+    # The source fixes the order itself (DrasCLR's location blocks): no shuffling.
+    ds = source.ordered_stream(seed, batch_size * process_count).seed(seed)
+  else:
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   for transform in host_transforms:
     if isinstance(transform, grain.transforms.RandomMap):
       ds = ds.random_map(transform)

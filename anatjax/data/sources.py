@@ -5,14 +5,17 @@ least `image`: a uint8 greyscale [H, W] array. Unknown names and missing data ro
 here, before anything compiles. Besides the embedded synthetic radiographs, the readers of
 anatjax/data/radiographs.py read real collections from their download folders, and
 `prepared` reads any of them back from the ArrayRecord folder `python -m
-anatjax.data.prepare` wrote (anatjax/data/prepared.py).
+anatjax.data.prepare` wrote (anatjax/data/prepared.py). `ct_patches` is the 3D exception:
+DrasCLR's atlas patch store (anatjax/data/ct_patches.py, made by ct_prepare.py), whose
+items are HU patches at atlas locations, served in location blocks.
 """
 
 from __future__ import annotations
 
 from anatjax.config import closest
-from anatjax.data import prepared, radiographs
+from anatjax.data import ct_patches, ct_prepare, prepared, radiographs
 from anatjax.data.synthetic_cxr import SyntheticCXR
+
 
 def _synthetic_cxr(data_config, split):
   if data_config.root:
@@ -22,9 +25,16 @@ def _synthetic_cxr(data_config, split):
                       num_examples=data_config.num_examples, seed=data_config.source_seed)
 
 
+def _ct_patches(data_config, split):
+  del split   # the SSL store has every subject; evaluation reads volumes itself
+  return ct_patches.LocationBlockedPatches(ct_prepare.ensure_store(data_config),
+                                           data_config.location_order,
+                                           data_config.neighbour_tie_break)
+
+
 # name -> (data config, split) -> source
 SOURCES = {"synthetic_cxr": _synthetic_cxr, **radiographs.READERS,
-           "prepared": prepared.prepared}
+           "prepared": prepared.prepared, "ct_patches": _ct_patches}
 
 
 def make_source(data_config, split: str = "pretrain"):
@@ -33,3 +43,11 @@ def make_source(data_config, split: str = "pretrain"):
     raise ValueError(f"config data.source={name!r} is not a known source; known: "
                      f"{sorted(SOURCES)}." + closest(name, SOURCES))
   return SOURCES[name](data_config, split)
+
+
+def examples_per_epoch(source, batch_size: int) -> int:
+  """What one epoch is: the whole source, unless the source defines its epochs itself
+  (DrasCLR's location blocks drop each location's last partial batch)."""
+  if hasattr(source, "examples_per_epoch"):
+    return source.examples_per_epoch(batch_size)
+  return len(source)

@@ -16,7 +16,7 @@ import optax
 
 from anatjax.config import closest
 
-METHODS = ("afire", "mae", "dino", "ld")
+METHODS = ("afire", "mae", "dino", "ld", "drasclr")
 
 
 class Method(NamedTuple):
