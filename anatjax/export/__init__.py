@@ -3,7 +3,8 @@
 Export (NumPy + safetensors only, no torch):
   export_encoder(params, out, image_size=..., format="timm"|"npz", metadata=...) -> sidecar
   export_run(workdir, out, step=None, which="teacher", format="timm") -> sidecar
-    (an LD run: the whole U-Net for anatjax/export/ld_unet_torch.py, see export/unet.py)
+    (an LD run: the whole U-Net for anatjax/export/ld_unet_torch.py, see export/unet.py;
+    a DrasCLR run: f_q and its atlas for anatjax/export/drasclr_torch.py, export/cnn3d.py)
 Import (what `--config.init_from=FILE` uses):
   import_encoder(path, target_params, image_size=...) -> params like target_params
   It reads timm-style .safetensors, big_vision .npz, or a .pth/.pt checkpoint (torch, if
@@ -264,6 +265,18 @@ def export_run(workdir: str, out: str, *, step: int | None = None, which: str = 
     return unet.export_unet(
         network["params"], network["batch_stats"], out,
         metadata={"method": "ld", "step": int(step), "stage": config.ld.stage,
+                  "config": json.loads(json.dumps(config.to_dict(), default=str)),
+                  "workdir": os.path.abspath(workdir)})
+  if method.name == "drasclr":   # a location-conditioned 3D CNN, exported with its atlas
+    from anatjax.data import ct_patches, ct_prepare  # pylint: disable=g-import-not-at-top
+    from anatjax.export import cnn3d  # pylint: disable=g-import-not-at-top
+    if format != "timm":
+      raise ValueError("DrasCLR runs export the encoder as a PyTorch safetensors state dict: "
+                       "use the default --format=timm")
+    return cnn3d.export_drasclr(
+        method.encoder(state["params"], state["method_state"], which),
+        ct_patches.read_atlas(ct_prepare.store_root(config.data)), out,
+        metadata={"method": "drasclr", "which": which, "step": int(step),
                   "config": json.loads(json.dumps(config.to_dict(), default=str)),
                   "workdir": os.path.abspath(workdir)})
   params = method.encoder(state["params"], state["method_state"], which)

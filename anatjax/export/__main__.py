@@ -9,7 +9,8 @@ strict=True (the exact call is printed and stored in the metadata); --format=npz
 big_vision's layout for timm's `model.load_pretrained(path)`. Both write FILE.json beside
 (method, step, config, image size, channels, normalisation). Needs NumPy + safetensors
 only: torch and timm are not imported. An LD run exports its whole U-Net for the
-reference module anatjax/export/ld_unet_torch.py (anatjax/export/unet.py).
+reference module anatjax/export/ld_unet_torch.py (anatjax/export/unet.py); a DrasCLR run
+its query encoder and atlas for anatjax/export/drasclr_torch.py (anatjax/export/cnn3d.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from anatjax import export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (its checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step. Default: the newest.")
-_WHICH = flags.DEFINE_enum("which", "auto", ["auto", "teacher", "student"],
+_WHICH = flags.DEFINE_enum("which", "auto", ["auto", "teacher", "student", "query", "key"],
                            "Which encoder: auto = the method's choice (the EMA teacher of AFiRe "
-                           "and DINO, MAE's only encoder).")
+                           "and DINO, MAE's only encoder, DrasCLR's query encoder f_q); "
+                           "DrasCLR also has key (the momentum encoder).")
 _FORMAT = flags.DEFINE_enum("format", "timm", list(export.FORMATS),
                             "timm: .safetensors state dict for timm; npz: big_vision .npz.")
 _OUT = flags.DEFINE_string("out", None, "The file to write (the sidecar is OUT.json).")
@@ -42,6 +44,15 @@ def usage(info: dict, out: str, fmt: str) -> str:
         f"  model = {info['torch_create_model']}",
         f"  model.load_state_dict(safetensors.torch.load_file({out!r}), strict=True)",
         f"Input: {info['input']}. Transfer: {info['transfer']}."])
+  if info["format"] == "anatjax-drasclr-encoder":
+    return "\n".join([
+        f"Wrote DrasCLR's {info['which']} encoder (step {info['step']}) with its atlas "
+        f"({info['num_locations']} locations, {info['patch_size']}^3 patches at "
+        f"{info['spacing_mm']} mm) to {out} and {out}.json.",
+        "Load it in PyTorch:",
+        "  import anatjax.export.drasclr_torch",
+        f"  encoder, atlas = anatjax.export.drasclr_torch.load_drasclr({out!r})",
+        f"Input: {info['input']}."])
   size = info["image_size"]
   lines = [
       f"Wrote the {info.get('which', '')} encoder of step {info.get('step')} "
