@@ -9,14 +9,20 @@ machines, so only numbers measured side by side are compared):
   measured in the same run; compiled memory per device;
 - the host pipeline alone: images/s per worker for the synthetic source + the method's
   host transforms, for JPEG and PNG decoding + resize + the same transforms, and for the
-  Grain pipeline with N worker processes; and the ratio of that rate to the device's.
+  Grain pipeline with N worker processes; and the ratio of that rate to the device's;
+- the 3D host pipeline (DrasCLR): patches/s per worker and through Grain with N workers
+  for the atlas patch store's reading and augmentation (anatjax/data/patch_views.py), at
+  --ct_patch_size, on a temporary store of random HU patches (the cost does not depend on
+  the content), and phantom CT volumes/s per worker at --ct_volume_size.
 Prints a table and writes JSON, one entry per measurement.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import tempfile
 import time
 
 import cv2
@@ -29,7 +35,7 @@ from ml_collections import config_flags
 
 from anatjax import train
 from anatjax.config import compute_dtype
-from anatjax.data import pipeline
+from anatjax.data import ct_patches, patch_views, pipeline, synthetic_ct
 from anatjax.methods.common import normalize
 from anatjax.models.vit import ViT, parse_variant
 
@@ -46,6 +52,8 @@ def define_flags():
   flags.DEFINE_integer("workers", None, "Grain workers (default: the config's).")
   flags.DEFINE_integer("host_images", 200, "Images per host measurement.")
   flags.DEFINE_integer("decode_size", 1024, "Side of the encoded JPEG/PNG images decoded.")
+  flags.DEFINE_integer("ct_patch_size", 32, "Patch edge of the 3D pipeline measurement.")
+  flags.DEFINE_integer("ct_volume_size", 128, "Phantom CT grid of the 3D measurement.")
   flags.DEFINE_string("out", None, "Write the measurements to this JSON file.")
 
 
@@ -180,8 +188,39 @@ def grain_rate(source, host_transforms, batch_size: int, workers: int, count: in
   return rate
 
 
+def ct_host_rates(patch_size: int, volume_size: int, workers: int, count: int) -> dict:
+  """3D host rates (module doc): name -> per-second rate."""
+  with tempfile.TemporaryDirectory() as root:
+    rng = np.random.default_rng(0)
+    corners = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]]) * patch_size
+    ct_patches.Atlas(corners, corners.astype(np.float32), np.array([[1, 2], [0, 3], [0, 3],
+                                                                    [0, 1]]),
+                     patch_size, 1.0, "benchmark").save(root)
+    for i in range(len(corners)):
+      np.save(ct_patches.location_file(root, i),
+              rng.integers(-1024, 1500, (32,) + (patch_size,) * 3).astype(np.int16))
+    with open(os.path.join(root, ct_patches.SUBJECTS_FILE), "w") as f:
+      json.dump([str(i) for i in range(32)], f)
+    with open(os.path.join(root, ct_patches.STORE_FILE), "w") as f:
+      json.dump({"options": {}}, f)
+    source = ct_patches.LocationBlockedPatches(root)
+    views = (patch_views.DrasCLRViews(patch_views.PatchAugment()),)
+    per_item = 4      # two anchor views and two neighbours
+    rates = {"host_ct_patches_per_worker": per_item * host_rate(source.__getitem__, views,
+                                                                count)}
+    rates[f"host_ct_patches_grain_{workers}_workers"] = per_item * grain_rate(
+        source, views, 8, workers, count)
+  start = time.perf_counter()
+  volumes = 3
+  for i in range(volumes):
+    synthetic_ct.subject(0, i, shape=(volume_size,) * 3)
+  rates[f"host_synthetic_ct{volume_size}_per_worker"] = volumes / (
+      time.perf_counter() - start)
+  return rates
+
+
 def run(config, *, batch: int, repeats: int, steps: int, workers: int, host_images: int,
-        decode_size: int) -> list[dict]:
+        decode_size: int, ct_patch_size: int = 32, ct_volume_size: int = 128) -> list[dict]:
   """All measurements for `config` at `batch` on the first device; see the module doc."""
   device = jax.devices()[0]
   print(f"Benchmarking {config.method} {config.model.variant} at "
@@ -226,6 +265,10 @@ def run(config, *, batch: int, repeats: int, steps: int, workers: int, host_imag
     results.append({"name": name, **common, **empty, "images_per_s": rate})
   results.append({"name": "host_to_device_ratio", **common, **empty,
                   "ratio": rates[pipeline_name] / device_rate})
+  for name, rate in ct_host_rates(ct_patch_size, ct_volume_size, workers,
+                                  host_images).items():
+    unit = "volumes/s" if "synthetic_ct" in name else "patches/s"
+    results.append({"name": name, **common, **empty, "images_per_s": rate, "unit": unit})
   return results
 
 
@@ -242,7 +285,8 @@ def main(argv):
   config.mesh.data, config.mesh.fsdp = 1, 1
   results = run(config, batch=args.batch, repeats=args.repeats, steps=args.steps,
                 workers=(config.data.num_workers if args.workers is None else args.workers),
-                host_images=args.host_images, decode_size=args.decode_size)
+                host_images=args.host_images, decode_size=args.decode_size,
+                ct_patch_size=args.ct_patch_size, ct_volume_size=args.ct_volume_size)
   print(format_table(results))
   if args.out:
     with open(args.out, "w") as f:
@@ -253,7 +297,7 @@ def main(argv):
 def format_table(results) -> str:
   def fmt(value, scale=1.0, digits=1):
     return "-" if value is None else f"{value / scale:.{digits}f}"
-  lines = [f"{'measurement':36} {'img/s':>9} {'GFLOP/img':>10} {'GFLOP/s':>9} "
+  lines = [f"{'measurement':36} {'/s':>9} {'GFLOP/img':>10} {'GFLOP/s':>9} "
            f"{'MFU':>6} {'peak MiB':>9}"]
   for r in results:
     if "ratio" in r:
