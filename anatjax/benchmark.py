@@ -206,8 +206,8 @@ def ct_host_rates(patch_size: int, volume_size: int, workers: int, count: int) -
     source = ct_patches.LocationBlockedPatches(root)
     views = (patch_views.DrasCLRViews(patch_views.PatchAugment()),)
     per_item = 4      # two anchor views and two neighbours
-    rates = {"host_ct_patches_per_worker": per_item * host_rate(source.__getitem__, views,
-                                                                count)}
+    rates = {"host_ct_patches_per_worker": per_item * host_rate(
+        lambda i: source[i % len(source)], views, count)}
     rates[f"host_ct_patches_grain_{workers}_workers"] = per_item * grain_rate(
         source, views, 8, workers, count)
   start = time.perf_counter()
