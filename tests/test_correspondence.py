@@ -89,3 +89,26 @@ def test_acceptance_rule(phantoms):
   weak = ScriptedProvider(list(np.linspace(0.0, 0.6, 100)) + [1.0] * 50)
   _, _, score, accepted = correspondence.find_pair(weak, cache, cache, rng)
   assert not accepted and weak.asked == 100 and score == pytest.approx(0.6)
+
+
+def test_mined_pair_crops_masks_and_points(phantoms):
+  from anatjax.data import alice_pairs   # pylint: disable=g-import-not-at-top
+  a, b = phantoms
+  provider = correspondence.AffineProvider(a.image, spacing_mm=6.0)
+  cache_a, cache_b = provider.prepare(a.image), provider.prepare(b.image)
+  pair = alice_pairs.mine_pair(provider, cache_a, cache_b, np.random.default_rng(1),
+                               crop=16)
+  assert pair["crops"].shape == (2, 16, 16, 16) and pair["crops"].dtype == np.int16
+  p, q = pair["points"]
+  np.testing.assert_array_equal(pair["crops"][0], np.clip(
+      a.image.array[p[0] - 8:p[0] + 8, p[1] - 8:p[1] + 8, p[2] - 8:p[2] + 8], -125, 225))
+  assert cache_b.body[tuple(q)] and pair["pair_score"] == 1.0 and not pair["weak"]
+  assert pair["mask_cells"].shape == (2, 4, 4) and pair["mask_cells"].sum() == 2 * 12
+  voxels = alice_pairs.expand_mask(pair["mask_cells"][0], 16)
+  assert voxels.shape == (16, 16, 16) and voxels.mean() == 0.75
+  assert (voxels == voxels[:1]).all()              # columns run through every z
+  np.testing.assert_array_equal(voxels[0, ::4, ::4], pair["mask_cells"][0])
+  blocks = alice_pairs.student_mask(np.random.default_rng(0), "blocks3d")
+  assert blocks.shape == (4, 4, 4) and blocks.sum() == 48
+  unit = alice_pairs.to_unit(pair["crops"])
+  assert unit.min() >= 0 and unit.max() <= 1
