@@ -206,3 +206,58 @@ def top_k_accuracy(logits, k: int):
   (ties counted in the positive's favour)."""
   rank = jnp.sum(logits[:, 1:] > logits[:, :1], axis=-1)
   return jnp.mean((rank < k).astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------
+# Alice (shared/methods/alice.md section 3). Views sit on a leading axis of size 2 (view 0,
+# then view 1); the teacher's outputs, and the centres, are targets under stop-gradient.
+# Teacher temperatures are a per-epoch linear warm-up, which optim.linear gives:
+# optim.linear(0.008, 0.01, warmup_epochs - 1)(step // steps_per_epoch) reproduces the
+# reference's np.linspace(0.008, 0.01, warmup_epochs) indexed by epoch.
+
+def _alice_teacher_probs(teacher_logits, centre, temperature):
+  """softmax((sg(t) - sg(c)) / tau_t): the centred, sharpened teacher distribution."""
+  logits = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
+  return jax.nn.softmax((logits - jax.lax.stop_gradient(centre)) / temperature, axis=-1)
+
+
+def alice_cls_distillation(student_cls, teacher_cls, centre, tau_s, tau_t):
+  """L_cls = 1/2 sum_{q != v} mean_b H(softmax((t[q] - c) / tau_t), softmax(s[v] / tau_s)).
+
+  student_cls, teacher_cls [2, B, K]; centre [K]. Cross-view: the teacher's view 0
+  supervises the student's view 1 and the other way round, so the teacher distributions
+  are paired with the student's after swapping the two views.
+  """
+  probs = _alice_teacher_probs(teacher_cls, centre, tau_t)
+  return jnp.mean(soft_cross_entropy(probs[::-1], student_cls, tau_s))
+
+
+def alice_patch_distillation(student_tokens, teacher_tokens, centre2, tau_s, tau_t2):
+  """L_patch = 1/2 sum_v mean_{b, tokens} H(softmax((T[v] - c2) / tau_t2), softmax(S[v] /
+  tau_s)): within each view, token by token. S, T [2, B, L, K] (CASA's outputs; T is the
+  target), centre2 [K]. Both views have B L tokens, so this is the mean over all of them."""
+  probs = _alice_teacher_probs(teacher_tokens, centre2, tau_t2)
+  return jnp.mean(soft_cross_entropy(probs, student_tokens, tau_s))
+
+
+def alice_reconstruction(x_hat, x, weight: float = 5.0):
+  """L_rec = weight * mean over every voxel of (x_hat - x)^2, x the unmasked crops.
+
+  The weight is lambda_3 / 2 = 10 / 2: the reference halves its MSE before weighting it.
+  """
+  return weight * mean_squared_error(x_hat, x)
+
+
+def updated_centre(centre, teacher_outputs, momentum: float = 0.9):
+  """c <- m c + (1 - m) mean(teacher outputs) over every axis but the last ([..., K] -> [K]):
+  views, batch and, for the patch centre, tokens."""
+  batch_mean = jnp.mean(jax.lax.stop_gradient(teacher_outputs).astype(jnp.float32),
+                        axis=tuple(range(teacher_outputs.ndim - 1)))
+  return momentum * centre + (1.0 - momentum) * batch_mean
+
+
+def alice_argmax_agreement(teacher_cls, student_cls):
+  """Fraction of samples whose teacher CLS logits of view 0 and student CLS logits of view 1
+  ([2, B, K] each, uncentred) pick the same output: a diagnostic, not a loss."""
+  agree = jnp.argmax(teacher_cls[0], axis=-1) == jnp.argmax(student_cls[1], axis=-1)
+  return jnp.mean(agree.astype(jnp.float32))
