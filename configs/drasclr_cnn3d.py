@@ -8,7 +8,7 @@ tau = 0.2, patch + neighbour InfoNCE (beta = 1), SGD lr 0.01 (cosine per epoch, 
 0.9, weight decay 1e-4), 20 epochs, BatchNorm in ghost groups of 32 (shuffle-BN).
 
   # 2 CPU cores: 48 phantom subjects at 4 mm, 16^3 patches (the store is prepared
-  # on the first run, about a minute, and cached)
+  # on the first run, a few minutes, and cached)
   python -m anatjax.main --config=configs/drasclr_cnn3d.py:runlocal --workdir=runs/drasclr
   # the recipe on your CT folder (NIfTI files and/or DICOM series), store prepared first:
   python -m anatjax.data.ct_prepare --volumes=/data/ct --out=/data/ct_store --workers=16
@@ -16,7 +16,9 @@ tau = 0.2, patch + neighbour InfoNCE (beta = 1), SGD lr 0.01 (cosine per epoch, 
       --config.data.volumes=/data/ct --workdir=runs/drasclr
 
 The store's options (data.volumes ... data.min_dice) must match those it was prepared
-with; a store is refused otherwise. What to expect from runlocal: see README.md.
+with; a store is refused otherwise. What to expect from runlocal on 2 CPU cores: the store
+(71 locations) in ~3.5 min, then 426 steps in 10-15 min; the logged loss rises as the
+per-location queues fill with real keys (README.md explains), patch top-1 ~0.35.
 """
 
 from anatjax.config import parse_arg

@@ -7,10 +7,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from anatjax import losses
+from anatjax import losses, sharding
 from anatjax.data import atlas as atlas_lib, ct_patches, ct_prepare, patch_views
 from anatjax.methods import drasclr
 from anatjax.models import cnn3d
@@ -135,6 +136,7 @@ def tiny_config(root):
     c.batch_size = 8
     c.drasclr.queue_size = 8
     c.drasclr.bn_mode = "global"
+    c.mesh.data = 1              # 8 simulated devices make XLA's CPU 3-D convolutions crawl
   return c
 
 
@@ -237,6 +239,15 @@ def test_prepare_moves_the_key_encoder_unshuffles_keys_and_enqueues(tmp_path):
   keys = np.asarray(context["per_example"]["key"])
   np.testing.assert_allclose(keys, want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(context["negatives"], state["queue"][1])   # read before
+  # the same step with the batch sharded over the 8 simulated devices (the trainer's
+  # layout) gives the same keys and queue: the enqueue sees the whole global batch
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+  sharded_state, sharded_context, _ = jax.jit(method.prepare)(
+      params, state, sharding.global_batch(batch, mesh), 3)
+  np.testing.assert_allclose(sharded_context["per_example"]["key"], keys, rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(sharded_state["queue"], new_state["queue"], rtol=1e-4,
+                             atol=1e-5)
   queue = np.asarray(new_state["queue"])
   np.testing.assert_allclose(queue[1, 8:16], keys, rtol=1e-6)
   np.testing.assert_allclose(queue[1, :8], state["queue"][1, :8])
