@@ -22,12 +22,9 @@ decodes all of them alike and an atlas id such as "007" stays a string.
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
-import safetensors.numpy
 
+from anatjax.export import sidecar
 from anatjax.models.cnn3d import LAYERS
 
 ATLAS_PREFIX = "atlas."
@@ -118,9 +115,4 @@ def export_drasclr(network_variables, atlas, out: str, *, metadata: dict) -> dic
                             f"num_experts={num_experts})",
       **metadata,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  safetensors.numpy.save_file(
-      tensors, out, metadata={k: json.dumps(v, default=str) for k, v in info.items()})
-  with open(out + ".json", "w") as f:
-    json.dump(info, f, indent=2, default=str)
-  return info
+  return sidecar.save(tensors, out, info)

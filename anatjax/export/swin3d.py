@@ -22,16 +22,13 @@ arrays or CPU torch tensors and checks the index buffers against the constant.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from typing import Any, Mapping
 
 import numpy as np
-import safetensors.numpy
 
-from anatjax.export import flatten, unflatten
+from anatjax.export import flatten, sidecar, unflatten
 from anatjax.models import swin3d
 
 PREFIX = "swinViT."
@@ -213,9 +210,4 @@ def export_swin3d(params: Mapping, out: str, *, window_size=7, downsample: str =
   }
   if downsample == "merging":
     info["monai_version"] = "< 1.5 (later versions merge in another order)"
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  safetensors.numpy.save_file(
-      tensors, out, metadata={k: json.dumps(v, default=str) for k, v in info.items()})
-  with open(out + ".json", "w") as f:
-    json.dump(info, f, indent=2, default=str)
-  return info
+  return sidecar.save(tensors, out, info)
