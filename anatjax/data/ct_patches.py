@@ -98,6 +98,7 @@ class LocationBlockedPatches:
     self.atlas = read_atlas(root)
     self.subjects = read_subjects(root)
     self._arrays = None
+    self._order_key, self._order = None, None
 
   def __len__(self):
     return self.atlas.num_locations * len(self.subjects)
@@ -111,7 +112,7 @@ class LocationBlockedPatches:
     return self.atlas.num_locations * steps * batch_size
 
   def __getstate__(self):
-    return {**self.__dict__, "_arrays": None}
+    return {**self.__dict__, "_arrays": None, "_order_key": None, "_order": None}
 
   def _location(self, index):
     if self._arrays is None:
@@ -127,8 +128,17 @@ class LocationBlockedPatches:
     locations = self.atlas.num_locations
     if self.location_order == "shuffled":
       block = np.random.default_rng([seed, epoch, locations]).permutation(locations)[block]
-    order = np.random.default_rng([seed, epoch, block]).permutation(len(self.subjects))
-    return int(block), int(order[slot])
+    return int(block), int(self._subject_order(seed, epoch, block)[slot])
+
+  def _subject_order(self, seed: int, epoch: int, block: int) -> np.ndarray:
+    """The block's subject permutation, kept while consecutive items ask for it (a batch
+    reads B of them; redrawing an N-long permutation per item is wasted work)."""
+    key = (seed, epoch, block)
+    if self._order_key != key:
+      self._order_key = key
+      self._order = np.random.default_rng([seed, epoch, block]).permutation(
+          len(self.subjects))
+    return self._order
 
   def neighbours_of(self, location: int, step: int, seed: int) -> np.ndarray:
     """The location's two neighbours; with tie_break='random' redrawn every step among
