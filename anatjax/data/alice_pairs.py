@@ -16,6 +16,7 @@ device scales them, x = (HU + 125) / 350 in [0, 1] (`to_unit`).
 
 from __future__ import annotations
 
+import grain
 import numpy as np
 
 from anatjax.data import correspondence, registration
@@ -74,3 +75,15 @@ def mine_pair(provider, a, b, rng, crop: int = 64, mask_mode: str = "columns") -
       "points": np.stack([p, q]).astype(np.int32),
       "weak": np.bool_(not accepted),
   }
+
+
+class MinePairs(grain.transforms.RandomMap):
+  """Host transform: {"a", "b"} provider caches (anatjax/data/ct_volumes.VolumePairs) ->
+  one mined pair (`mine_pair`), deterministic per example through Grain's rng."""
+
+  def __init__(self, matcher, crop: int = 64, mask_mode: str = "columns"):
+    student_mask(np.random.default_rng(0), mask_mode)   # a bad mode fails at build time
+    self.matcher, self.crop, self.mask_mode = matcher, crop, mask_mode
+
+  def random_map(self, item, rng):
+    return mine_pair(self.matcher, item["a"], item["b"], rng, self.crop, self.mask_mode)

@@ -6,7 +6,7 @@ volumes (a cache computed once per volume, offline) and runs on the host. Indice
 each volume's canonical (z, y, x) grid (anatjax/data/volume.py), the one frame of the
 whole 3-D layer.
 
-`AffineProvider` (provider (b), the default): every volume is affinely registered to one
+`AffineProvider` (provider (b), the default; `AffineMatcher` is its matching half): every volume is affinely registered to one
 atlas CT once (SimpleITK, Mattes MI on CTs at 4 mm clipped to [-1000, 1000] HU, 20 %
 random sampling with a fixed seed, 300 iterations per level of a 4-2-1 pyramid, started
 from the moments of the body masks); a point goes A -> atlas -> B through the two maps,
@@ -53,26 +53,14 @@ def _registration_image(image: Volume, spacing_mm: float) -> Volume:
   return small.with_array(np.clip(small.array.astype(np.float32), *REGISTRATION_HU))
 
 
-class AffineProvider:
-  """Provider (b): correspondence through affine maps to a common atlas (module doc)."""
+class AffineMatcher:
+  """Provider (b)'s matching half: `match`/`match_many` on prepared caches (module doc).
+  All training's pair mining needs; `AffineProvider` adds the preparation."""
 
-  def __init__(self, atlas: Volume, score_mode: str = "inside", iterations: int = 300,
-               spacing_mm: float = REGISTRATION_SPACING_MM):
+  def __init__(self, score_mode: str = "inside"):
     if score_mode not in ("inside", "ncc"):
       raise ValueError(f"config alice.score_mode={score_mode!r}: use 'inside' or 'ncc'")
-    self.score_mode, self.iterations, self.spacing_mm = score_mode, iterations, spacing_mm
-    self._atlas = _registration_image(atlas, spacing_mm)
-    self._atlas_body = body_mask(self._atlas).array
-
-  def prepare(self, image: Volume) -> AffineCache:
-    small = _registration_image(image, self.spacing_mm)
-    small_body = body_mask(small).array
-    as_float = lambda v, a: v.with_array(a.astype(np.float32))
-    to_volume = registration.register(
-        self._atlas, small, iterations=self.iterations, sampling="random",
-        sampling_fraction=0.2, init_atlas=as_float(self._atlas, self._atlas_body),
-        init_subject=as_float(small, small_body))
-    return AffineCache(image, body_mask(image).array, to_volume)
+    self.score_mode = score_mode
 
   def match_many(self, a: AffineCache, points, b: AffineCache):
     """(Q [R, 3] int, S [R]) for integer voxel indices P [R, 3] of A."""
@@ -93,6 +81,32 @@ class AffineProvider:
     return q[0], float(scores[0])
 
 
+class AffineProvider(AffineMatcher):
+  """Provider (b): correspondence through affine maps to a common atlas (module doc)."""
+
+  def __init__(self, atlas: Volume, score_mode: str = "inside", iterations: int = 300,
+               spacing_mm: float = REGISTRATION_SPACING_MM):
+    super().__init__(score_mode)
+    self.iterations, self.spacing_mm = iterations, spacing_mm
+    self._atlas = _registration_image(atlas, spacing_mm)
+    self._atlas_body = body_mask(self._atlas).array
+
+  def register(self, image: Volume) -> registration.PointMap:
+    """The affine map atlas point -> point of `image` (the offline, per-volume work)."""
+    small = _registration_image(image, self.spacing_mm)
+    small_body = body_mask(small).array
+    as_float = lambda v, a: v.with_array(a.astype(np.float32))
+    return registration.register(
+        self._atlas, small, iterations=self.iterations, sampling="random",
+        sampling_fraction=0.2, init_atlas=as_float(self._atlas, self._atlas_body),
+        init_subject=as_float(small, small_body))
+
+  def prepare(self, image: Volume, body: np.ndarray | None = None) -> AffineCache:
+    """The volume's cache; `body` (its body mask) if already computed."""
+    body = body_mask(image).array if body is None else body
+    return AffineCache(image, body, self.register(image))
+
+
 def neighbourhood(array: np.ndarray, centre, size: int) -> np.ndarray:
   """The size^3 block of `array` centred at `centre` (edge values beyond the border)."""
   start = np.asarray(centre) - size // 2
@@ -110,16 +124,23 @@ def ncc(array_a, p, array_b, q, size: int = NCC_SIZE) -> float:
 
 
 def candidate_points(image: Volume, rng, count: int, margin: int = 10,
-                     min_hu: float = -125.0) -> np.ndarray:
+                     min_hu: float = -125.0, max_rounds: int = 10_000) -> np.ndarray:
   """`count` voxels drawn uniformly among those above `min_hu` HU at least `margin`
-  voxels from every face (spec 2.2, step 1)."""
-  inner = np.zeros(image.shape, bool)
-  inner[tuple(slice(margin, n - margin) for n in image.shape)] = True
-  candidates = np.flatnonzero(inner & (np.asarray(image.array) > min_hu))
-  if not len(candidates):
-    raise ValueError(f"no voxel above {min_hu} HU at least {margin} voxels inside the "
-                     f"volume ({image.shape})")
-  return np.stack(np.unravel_index(rng.choice(candidates, count), image.shape), -1)
+  voxels from every face (spec 2.2, step 1). Rejection sampling from the inner box: the
+  same distribution as choosing among all such voxels, reading only the voxels drawn
+  (volumes may be memory-mapped)."""
+  shape = np.asarray(image.shape)
+  if np.any(shape <= 2 * margin):
+    raise ValueError(f"a volume of shape {tuple(shape)} has no voxel {margin} voxels "
+                     "inside every face")
+  array, kept = image.array, []
+  for _ in range(max_rounds):
+    draws = rng.integers(margin, shape - margin, size=(4 * count, 3))
+    kept.extend(draws[array[tuple(draws.T)] > min_hu])
+    if len(kept) >= count:
+      return np.asarray(kept[:count])
+  raise ValueError(f"no voxel above {min_hu} HU at least {margin} voxels inside the "
+                   f"volume ({tuple(shape)}) in {max_rounds} rounds of draws")
 
 
 def find_pair(provider, a, b, rng, chunk: int = 16, max_candidates: int = 100,

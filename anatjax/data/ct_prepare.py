@@ -204,7 +204,7 @@ def prepare(options: Options, out: str, workers: int = 0, say=print,
   work = os.path.join(out, "work")
   os.makedirs(os.path.join(out, "qc"), exist_ok=True)
   ids = subject_ids(options)
-  run = _runner(workers)
+  run = runner(workers)
   say(f"Preparing a patch store in {out}: {len(ids)} subjects from {options.volumes}, "
       f"{options.spacing_mm} mm, {options.image_size}^3 patches")
   volumes = list(run(subject_masks, [(options, work, i) for i in ids]))
@@ -264,7 +264,7 @@ def prepare(options: Options, out: str, workers: int = 0, say=print,
   return out
 
 
-def _runner(workers: int):
+def runner(workers: int):
   """(fn, [args]) -> fn(*args) for each, in order, as they come: in `workers` processes
   (spawned, which is safe after JAX started) or in this one."""
   def run(fn, arg_list):
@@ -330,37 +330,51 @@ def map_to_store(root: str, image: Volume, labels: Volume | None = None) -> dict
   return {"patches": patches, "starts": starts, "dice": score, "point_map": point_map}
 
 
+def cache_root(kind: str, volumes: str, options: dict) -> str:
+  """A store's default folder: ANATJAX_CACHE (~/.cache/anatjax)/kind/<volumes' name>_<hash
+  of the options>, so other options never reuse it."""
+  digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+  cache = os.environ.get("ANATJAX_CACHE", os.path.expanduser("~/.cache/anatjax"))
+  name = os.path.basename(os.path.normpath(volumes)) or "volumes"
+  return os.path.join(cache, kind, f"{name}_{digest.hexdigest()[:12]}")
+
+
 def store_root(data_config) -> str:
-  """The store's folder: data.root, or a cache folder named by the options."""
+  """The patch store's folder: data.root, or a cache folder named by the options."""
   if data_config.root:
     return data_config.root
   options = Options.from_config(data_config)
-  digest = hashlib.sha256(json.dumps(options.to_dict(), sort_keys=True).encode())
-  cache = os.environ.get("ANATJAX_CACHE", os.path.expanduser("~/.cache/anatjax"))
-  name = os.path.basename(os.path.normpath(options.volumes)) or "volumes"
-  return os.path.join(cache, "ct_patches", f"{name}_{digest.hexdigest()[:12]}")
+  return cache_root("ct_patches", options.volumes, options.to_dict())
 
 
-def ensure_store(data_config, say=print) -> str:
-  """The store of `data_config`, prepared now if it is not complete; a complete store made
-  with other options is refused (naming them) rather than silently used."""
-  root = store_root(data_config)
-  options = Options.from_config(data_config)
-  if ct_patches.is_complete(root):
-    saved = ct_patches.read_options(root)["options"]
-    differ = {k: (saved.get(k), v) for k, v in options.to_dict().items()
-              if saved.get(k) != v}
+def ensure_complete(root: str, options: dict, is_complete, read_options, prepare_now,
+                    what: str, say=print) -> str:
+  """`root` if it holds a complete store made with `options`, else prepare_now() (into an
+  empty or unfinished folder). A complete store made with other options is refused,
+  naming them, rather than silently used."""
+  if is_complete(root):
+    saved = read_options(root)["options"]
+    differ = {k: (saved.get(k), v) for k, v in options.items() if saved.get(k) != v}
     if differ:
-      raise ValueError(f"the patch store {root} was prepared with other options "
+      raise ValueError(f"the {what} store {root} was prepared with other options "
                        f"(saved vs now: {differ}): point data.root at another folder or "
                        "prepare again into an empty one")
     return root
   if os.path.isdir(root) and os.listdir(root) and not os.path.isdir(
       os.path.join(root, "work")):
-    raise FileExistsError(f"{root} holds files but no patch store: give data.root an empty "
-                          "or new folder")
-  say(f"No complete patch store in {root}: preparing it now (once).")
-  return prepare(options, root, say=say)
+    raise FileExistsError(f"{root} holds files but no {what} store: give data.root an "
+                          "empty or new folder")
+  say(f"No complete {what} store in {root}: preparing it now (once).")
+  return prepare_now()
+
+
+def ensure_store(data_config, say=print) -> str:
+  """The patch store of `data_config`, prepared now if it is not complete."""
+  root = store_root(data_config)
+  options = Options.from_config(data_config)
+  return ensure_complete(root, options.to_dict(), ct_patches.is_complete,
+                         ct_patches.read_options, lambda: prepare(options, root, say=say),
+                         "patch", say)
 
 
 def main(argv=None) -> None:

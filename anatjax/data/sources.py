@@ -7,13 +7,14 @@ anatjax/data/radiographs.py read real collections from their download folders, a
 `prepared` reads any of them back from the ArrayRecord folder `python -m
 anatjax.data.prepare` wrote (anatjax/data/prepared.py). `ct_patches` is the 3D exception:
 DrasCLR's atlas patch store (anatjax/data/ct_patches.py, made by ct_prepare.py), whose
-items are HU patches at atlas locations, served in location blocks.
+items are HU patches at atlas locations, served in location blocks; `ct_volumes` is
+Alice's volume store (anatjax/data/ct_volumes.py), whose items are pairs of patients' CTs.
 """
 
 from __future__ import annotations
 
 from anatjax.config import closest
-from anatjax.data import ct_patches, ct_prepare, prepared, radiographs
+from anatjax.data import ct_patches, ct_prepare, ct_volumes, prepared, radiographs
 from anatjax.data.synthetic_cxr import SyntheticCXR
 
 
@@ -32,9 +33,15 @@ def _ct_patches(data_config, split):
                                            data_config.neighbour_tie_break)
 
 
+def _ct_volumes(data_config, split):
+  del split
+  return ct_volumes.VolumePairs(ct_volumes.ensure_store(data_config))
+
+
 # name -> (data config, split) -> source
 SOURCES = {"synthetic_cxr": _synthetic_cxr, **radiographs.READERS,
-           "prepared": prepared.prepared, "ct_patches": _ct_patches}
+           "prepared": prepared.prepared, "ct_patches": _ct_patches,
+           "ct_volumes": _ct_volumes}
 
 
 def make_source(data_config, split: str = "pretrain"):

@@ -279,6 +279,18 @@ def export_run(workdir: str, out: str, *, step: int | None = None, which: str = 
         metadata={"method": "drasclr", "which": which, "step": int(step),
                   "config": json.loads(json.dumps(config.to_dict(), default=str)),
                   "workdir": os.path.abspath(workdir)})
+  if method.name == "alice":   # a 3-D Swin in MONAI's SwinUNETR.swinViT layout
+    from anatjax.export import swin3d  # pylint: disable=g-import-not-at-top
+    if format != "timm":
+      raise ValueError("Alice runs export the Swin encoder as a MONAI safetensors state "
+                       "dict: use the default --format=timm")
+    return swin3d.export_swin3d(
+        method.encoder(state["params"], state["method_state"], which), out,
+        window_size=config.model.window_size, downsample=config.model.downsample,
+        metadata={"method": "alice", "which": which, "step": int(step),
+                  "input": swin3d.input_convention(config.data.spacing_mm),
+                  "config": json.loads(json.dumps(config.to_dict(), default=str)),
+                  "workdir": os.path.abspath(workdir)})
   params = method.encoder(state["params"], state["method_state"], which)
   metadata = {
       "method": method.name,

@@ -53,6 +53,17 @@ def usage(info: dict, out: str, fmt: str) -> str:
         "  import anatjax.export.drasclr_torch",
         f"  encoder, atlas = anatjax.export.drasclr_torch.load_drasclr({out!r})",
         f"Input: {info['input']}."])
+  if info["format"] == "anatjax-swin3d-encoder":
+    convention = info["input"]
+    return "\n".join([
+        f"Wrote {info['method']}'s {info['which']} Swin encoder (step {info['step']}) in "
+        f"MONAI's SwinUNETR.swinViT layout to {out} and {out}.json.",
+        "Fine-tune it in MONAI:",
+        "  import monai, safetensors.torch",
+        f"  net = {info['monai_create_model']}",
+        f"  net.load_state_dict(safetensors.torch.load_file({out!r}), strict=False)",
+        f"Input: Orientationd(axcodes={convention['axcodes']!r}), "
+        f"Spacingd(pixdim={tuple(convention['pixdim'])}), {convention['intensity']}."])
   size = info["image_size"]
   lines = [
       f"Wrote the {info.get('which', '')} encoder of step {info.get('step')} "

@@ -184,6 +184,16 @@ def monai_constructor(geo: Mapping, window_size, downsample: str) -> str:
           f"feature_size={geo['feature_size']}, downsample={downsample!r}, use_v2=False)")
 
 
+def input_convention(spacing_mm) -> dict:
+  """How the pretraining crops were laid out, for a MONAI user's transforms. anatjax's
+  arrays are (z, y, x) with axes pointing superior, posterior and left: MONAI's
+  Orientationd(axcodes="SPL") gives the same layout (and Spacingd its pixdim in that
+  order); intensities are Alice's window, (HU + 125) / 350 clipped to [0, 1]."""
+  return {"axcodes": "SPL", "pixdim": [float(s) for s in spacing_mm],
+          "intensity": "ScaleIntensityRanged(a_min=-125, a_max=225, b_min=0, b_max=1, "
+                       "clip=True)"}
+
+
 def export_swin3d(params: Mapping, out: str, *, window_size=7, downsample: str = "mergingv2",
                   metadata: Mapping | None = None) -> dict:
   """Writes the encoder's MONAI state dict to `out` (safetensors, keys "swinViT.*") and the

@@ -16,7 +16,7 @@ import optax
 
 from anatjax.config import closest
 
-METHODS = ("afire", "mae", "dino", "ld", "drasclr")
+METHODS = ("afire", "mae", "dino", "ld", "drasclr", "alice")
 
 
 class Method(NamedTuple):

@@ -67,6 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anatjax.models.heads import symmetric_uniform
+
 LN_EPSILON = 1e-5
 MASK_VALUE = -100.0   # MONAI's additive logit between tokens of different shifted regions
 # Sub-grid offsets (i, j, k) of x[i::2, j::2, k::2], in concatenation order.
@@ -296,8 +298,13 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = _pad_end(x, self.patch)
+    # PyTorch's Conv3d bias init, U(+-1/sqrt(fan_in)), not Flax's zeros: a blank input
+    # region (masked, or air) then embeds to a bias vector with spread over channels, not
+    # to zeros, which the parameter-free LayerNorm of the hidden states would divide by
+    # sqrt(eps) (gradients 1e5-1e6 at initialisation).
+    fan_in = x.shape[-1] * math.prod(self.patch)
     x = nn.Conv(self.features, self.patch, self.patch, padding="VALID", dtype=self.dtype,
-                name="proj")(x)
+                bias_init=symmetric_uniform(fan_in ** -0.5), name="proj")(x)
     return x.astype(jnp.float32)
 
 
