@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from anatjax.data import atlas as atlas_lib, ct_patches, registration
+from anatjax.data import atlas as atlas_lib, ct_patches, registration, slice_figures
 from anatjax.data.volume import Volume, resample
 
 HU_RANGE = (-1024, 3071)
@@ -295,15 +295,8 @@ def grid_figure(image: Volume, starts, size: int, path: str) -> None:
         cv2.rectangle(panel, (int(s[rows[1]]), int(s[rows[0]])),
                       (int(s[rows[1]] + size - 1), int(s[rows[0]] + size - 1)),
                       (0, 200, 255), 1)
-    if axis == 1:
-      panel = panel[::-1]   # superior at the top
-    scale = max(1, 256 // max(panel.shape[:2]))
-    panels.append(cv2.resize(panel, None, fx=scale, fy=scale,
-                             interpolation=cv2.INTER_NEAREST))
-  height = max(p.shape[0] for p in panels)
-  panels = [cv2.copyMakeBorder(p, 0, height - p.shape[0], 0, 4, cv2.BORDER_CONSTANT)
-            for p in panels]
-  cv2.imwrite(path, np.concatenate(panels, 1))
+    panels.append(panel[::-1] if axis == 1 else panel)   # coronal: superior at the top
+  slice_figures.save_side_by_side(panels, path)
 
 
 def map_to_store(root: str, image: Volume, labels: Volume | None = None) -> dict:

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from anatjax.data import correspondence, synthetic_ct
+from anatjax.data import correspondence, slice_figures, synthetic_ct
 from anatjax.data.volume import resample
 
 ORGANS = ("heart", "aorta", "liver", "spleen", "stomach", "kidney_right", "kidney_left")
@@ -159,13 +159,8 @@ def figure(path: str, volumes, caches, provider) -> None:
     panel = cv2.cvtColor((window[::-1] * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
     for (z, _, x), colour in zip(points, colours):
       cv2.circle(panel, (int(x), int(image.shape[0] - 1 - z)), 2, colour, -1)
-    scale = max(1, 300 // max(panel.shape[:2]))
-    panels.append(cv2.resize(panel, None, fx=scale, fy=scale,
-                             interpolation=cv2.INTER_NEAREST))
-  height = max(x.shape[0] for x in panels)
-  panels = [cv2.copyMakeBorder(x, 0, height - x.shape[0], 0, 6, cv2.BORDER_CONSTANT)
-            for x in panels]
-  cv2.imwrite(path, np.concatenate(panels, 1))
+    panels.append(panel)
+  slice_figures.save_side_by_side(panels, path, min_size=300)
 
 
 def main(argv=None) -> None:
