@@ -12,6 +12,7 @@ checkpoint and produces the numbers it would have produced uninterrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -208,8 +209,12 @@ def load_checkpoint(workdir: str, step: int | None = None):
     if step not in steps:
       raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
                               f"available: {steps}")
-    config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
-    _, _, method = build(config)
+    meta = ckpt.read_meta(step)
+    config = ml_collections.ConfigDict(meta["config"])
+    if "schedule" in meta:   # no data needed (a 3-D store need not exist on this machine)
+      method = methods.make(config, config_lib.Schedule(**meta["schedule"]))
+    else:                    # a checkpoint from before the schedule was saved with it
+      _, _, method = build(config)
     abstract = jax.eval_shape(state_initializer(method), jax.random.key(0))
     state = ckpt.read_state(step, abstract)
   finally:
@@ -321,7 +326,8 @@ def train(config, workdir: str) -> dict:
 
   checkpoint_every = schedule.steps(config.checkpoint.every, "checkpoint.every")
   meta = {"method": method.name, "config_hash": config_hash,
-          "config": json.loads(json.dumps(config.to_dict(), default=str))}
+          "config": json.loads(json.dumps(config.to_dict(), default=str)),
+          "schedule": dataclasses.asdict(schedule)}
   writer = reporting.MetricsWriter(workdir, enabled=is_main)
   progress = reporting.Progress(total, schedule.steps_per_epoch, config.batch_size,
                                 start_step, enabled=is_main)
