@@ -180,14 +180,14 @@ def subject_registration(options: Options, work: str, atlas_id: str, subject_id:
     return registration.PointMap(f["matrix"], f["offset"]), float(f["dice"])
 
 
-def subject_patches(options: Options, work: str, atlas_id: str, subject_id: str,
-                    corners) -> tuple[np.ndarray, np.ndarray]:
+def subject_patches(options: Options, work: str, atlas_id: str, atlas_grid: Volume,
+                    subject_id: str, corners) -> tuple[np.ndarray, np.ndarray]:
   """Step 4 for one subject: (int16 [L, S, S, S] patches at the mapped atlas cubes, the
-  patches' start voxels [L, 3])."""
-  (atlas_image,) = load_volumes(cache_path(work, "subjects", atlas_id), "image")
+  patches' start voxels [L, 3]). `atlas_grid` carries the atlas's spacing and origin (its
+  array is not read: the atlas CT need not be decompressed again per subject)."""
   (image,) = load_volumes(cache_path(work, "subjects", subject_id), "image")
   point_map, _ = subject_registration(options, work, atlas_id, subject_id)
-  starts = registration.patch_starts(atlas_image, image, corners, options.image_size,
+  starts = registration.patch_starts(atlas_grid, image, corners, options.image_size,
                                      point_map, options.map_point)
   return np.stack([registration.crop_patch(image, s, options.image_size, HU_RANGE[0])
                    for s in starts]), starts
@@ -240,7 +240,9 @@ def prepare(options: Options, out: str, workers: int = 0, say=print,
   arrays = [np.lib.format.open_memmap(ct_patches.location_file(out, i), "w+", np.int16,
                                       (len(kept),) + (options.image_size,) * 3)
             for i in range(atlas.num_locations)]
-  results = run(subject_patches, [(options, work, atlas_id, i, corners) for i in kept])
+  atlas_grid = Volume(np.zeros((1, 1, 1), np.int16), atlas_image.spacing, atlas_image.origin)
+  results = run(subject_patches, [(options, work, atlas_id, atlas_grid, i, corners)
+                                  for i in kept])
   for row, (patches, starts) in enumerate(results):
     for location, patch in enumerate(patches):
       arrays[location][row] = patch
