@@ -172,15 +172,15 @@ def test_alice_trains_and_its_teacher_loads_into_monai(store, tmp_path):
   from anatjax import export, train   # pylint: disable=g-import-not-at-top
   config = tiny_config(store)
   with config.unlocked():
-    config.duration = "30st"
+    config.duration = "20st"
     config.log_every = 1
-    config.checkpoint.every = "30st"
+    config.checkpoint.every = "20st"
   result = train.train(config, str(tmp_path / "run"))
-  assert result["step"] == 30
+  assert result["step"] == 20
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   rec = np.array([r["loss_rec"] for r in records if "loss_rec" in r])
-  assert np.all(np.isfinite(rec)) and rec[-5:].mean() < 0.7 * rec[:5].mean()
+  assert np.all(np.isfinite(rec)) and rec[-5:].mean() < 0.8 * rec[:5].mean()
 
   out = str(tmp_path / "alice.safetensors")
   info = export.export_run(str(tmp_path / "run"), out)
