@@ -86,18 +86,21 @@ def read_options(root: str) -> dict:
 
 # ---------------------------------------------------------------------------- preparing
 
+def _geometry_path(out: str, subject_id: str) -> str:
+  return ct_prepare.cache_path(os.path.join(out, "work"), "geometry", subject_id)
+
+
 def subject_volume(options: Options, out: str, row: int, subject_id: str) -> float:
   """Step 1 for one subject (skipped when done): the resampled CT and its body mask in
   the store; returns the body volume in mL."""
-  image_path, body_path = volume_path(out, row, "image"), volume_path(out, row, "body")
-  geometry_path = ct_prepare.cache_path(os.path.join(out, "work"), "geometry", subject_id)
+  geometry_path = _geometry_path(out, subject_id)
   if not os.path.exists(geometry_path):
     image = resample(ct_prepare.read_subject(options, subject_id), options.spacing_mm,
                      order=1)
     image = image.with_array(np.clip(image.array, *ct_prepare.HU_RANGE).astype(np.int16))
     body = correspondence.body_mask(image).array
-    np.save(image_path, image.array)
-    np.save(body_path, body)
+    np.save(volume_path(out, row, "image"), image.array)
+    np.save(volume_path(out, row, "body"), body)
     tmp = geometry_path + ".tmp.npz"
     np.savez(tmp, spacing=image.spacing, origin=image.origin,
              body_ml=body.sum() * np.prod(image.spacing) / 1000.0)
@@ -115,23 +118,21 @@ def load_volume(out: str, row: int, geometry: dict, mmap: bool = True) -> tuple:
 
 
 def _geometry(out: str, subject_id: str) -> dict:
-  with np.load(ct_prepare.cache_path(os.path.join(out, "work"), "geometry",
-                                     subject_id)) as f:
+  with np.load(_geometry_path(out, subject_id)) as f:
     return {"spacing": f["spacing"].tolist(), "origin": f["origin"].tolist()}
 
 
-def subject_registration(options: Options, out: str, atlas_row: int, atlas_id: str,
+def subject_registration(provider: correspondence.AffineProvider, out: str, atlas_row: int,
                          row: int, subject_id: str) -> dict:
-  """Step 3 for one subject (cached): its map atlas point -> subject point."""
+  """Step 3 for one subject (cached): its map atlas point -> subject point. `provider`
+  holds the atlas, prepared once for all subjects."""
   path = ct_prepare.cache_path(os.path.join(out, "work"), f"transforms_{atlas_row:05d}",
                                subject_id)
   if not os.path.exists(path):
     if row == atlas_row:
       point_map = registration.PointMap(np.eye(3), np.zeros(3))
     else:
-      atlas, _ = load_volume(out, atlas_row, _geometry(out, atlas_id), mmap=False)
       image, _ = load_volume(out, row, _geometry(out, subject_id), mmap=False)
-      provider = correspondence.AffineProvider(atlas, iterations=options.registration_iterations)
       point_map = provider.register(image)
     tmp = path + ".tmp.npz"
     np.savez(tmp, matrix=point_map.matrix, offset=point_map.offset)
@@ -159,7 +160,9 @@ def prepare(options: Options, out: str, workers: int = 0, say=print) -> str:
     atlas_row = atlas_lib.choose_atlas(body_ml)
   say(f"Atlas {ids[atlas_row]} (body {body_ml[atlas_row]:.0f} mL; cohort median "
       f"{np.median(body_ml):.0f} mL); registering every subject to it")
-  maps = run(subject_registration, [(options, out, atlas_row, ids[atlas_row], r, i)
+  atlas, _ = load_volume(out, atlas_row, _geometry(out, ids[atlas_row]), mmap=False)
+  provider = correspondence.AffineProvider(atlas, iterations=options.registration_iterations)
+  maps = run(subject_registration, [(provider, out, atlas_row, r, i)
                                     for r, i in enumerate(ids)])
   subjects = [{"id": i, **_geometry(out, i), **m} for i, m in zip(ids, maps)]
   with open(os.path.join(out, SUBJECTS_FILE), "w") as f:
