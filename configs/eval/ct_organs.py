@@ -25,8 +25,7 @@ of 2 crops per fraction): 8 min 20 s for --init=random on a shared machine (load
 rendering the cohort 8 s once per cache, compilation about 40 s, 100 steps + a
 validation about 55 s, segmenting one volume about 6 s), 1.9 GB. Random init, both
 fractions: test Dice liver 0.45-0.49, lungs 0.79-0.85, heart 0.00, the small organs
-0.00, mean 0.16: 300 steps learn the large organs only (1,000 steps on all 16 volumes
-reached liver 0.80, heart 0.59, lungs 0.92, mean 0.29 on 3 test volumes), and 2 or 16
+0.00, mean 0.16: 300 steps learn the large organs only, and 2 or 16
 training volumes make no difference at so few steps: the label-efficiency question
 needs the full recipe. The default has not been run (no accelerator here).
 """
