@@ -14,6 +14,14 @@ q = index_B(T_B(T_A^-1(point_A(p)))), rounded. score = 1 when q falls inside B's
 (so inside B), else 0; `score_mode="ncc"` scores the normalised cross-correlation of the
 24^3 HU neighbourhoods of p and q instead.
 
+`EmbeddingProvider` (provider (a), alice.md 2.4): each volume is resampled to the grid
+the embedding model was trained on and turned into two unit-vector fields by the model
+(fine F, stride f, and coarse G, stride c, in cells of that grid; fp16). A point p of A
+looks up f = F_A at p's fine cell and g = G_A at p's coarse cell; over B's fine cells u,
+sim(u) = 1/2 (F_B[u].f + G^_B[u].g), G^_B = G_B trilinearly upsampled to F_B's grid and
+renormalised; q = B's voxel at the centre of the best cell, score = sim there. The
+trained model comes from a run directory (anatjax/methods/anatomy_embedding.load_provider).
+
 `find_pair` is the spec's acceptance rule over candidate points.
 """
 
@@ -105,6 +113,88 @@ class AffineProvider(AffineMatcher):
     """The volume's cache; `body` (its body mask) if already computed."""
     body = body_mask(image).array if body is None else body
     return AffineCache(image, body, self.register(image))
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingCache:
+  image: Volume              # the CT (canonical grid, HU); candidates are drawn from it
+  spacing: tuple             # the model grid's spacing (z, y, x), mm; same origin as image
+  fine: np.ndarray           # [nz, ny, nx, d] float16 unit vectors, one per fine cell
+  coarse: np.ndarray         # [mz, my, mx, d'] float16 unit vectors, one per coarse cell
+  coarse_norm: np.ndarray    # [nz, ny, nx] float32: |G upsampled to the fine cells|
+
+
+def upsampling_weights(fine_cells: int, coarse_cells: int, fine_stride: int,
+                       coarse_stride: int) -> np.ndarray:
+  """[fine_cells, coarse_cells]: linear interpolation of coarse-cell values at the fine
+  cells' centres along one axis (cell u of stride s is centred at voxel u s + (s - 1)/2),
+  clamped at the ends."""
+  centre = np.arange(fine_cells) * fine_stride + (fine_stride - 1) / 2
+  t = np.clip((centre - (coarse_stride - 1) / 2) / coarse_stride, 0, coarse_cells - 1)
+  low = np.floor(t).astype(int)
+  high = np.minimum(low + 1, coarse_cells - 1)
+  weights = np.zeros((fine_cells, coarse_cells))
+  np.add.at(weights, (np.arange(fine_cells), low), 1 - (t - low))
+  np.add.at(weights, (np.arange(fine_cells), high), t - low)
+  return weights
+
+
+class EmbeddingProvider:
+  """Provider (a): correspondence by dense anatomical embeddings (module doc).
+
+  `fields(hu)` maps a CT array on the model grid (HU, z, y, x) to its fields (fine
+  [nz, ny, nx, d], coarse [mz, my, mx, d'], unit vectors, one per cell from voxel 0 on)."""
+
+  def __init__(self, fields, spacing_mm, fine_stride: int, coarse_stride: int):
+    self.fields = fields
+    self.spacing = tuple(float(s) for s in np.broadcast_to(spacing_mm, 3))
+    self.fine_stride, self.coarse_stride = fine_stride, coarse_stride
+
+  def _weights(self, fine_shape, coarse_shape):
+    return [upsampling_weights(n, m, self.fine_stride, self.coarse_stride)
+            for n, m in zip(fine_shape, coarse_shape)]
+
+  def prepare(self, image: Volume, body: np.ndarray | None = None) -> EmbeddingCache:
+    """The volume's fields (`body` is accepted for the providers' common call, unused)."""
+    del body
+    grid = resample(image, self.spacing, order=1)
+    fine, coarse = (np.asarray(f, np.float32) for f in self.fields(grid.array))
+    wz, wy, wx = self._weights(fine.shape[:3], coarse.shape[:3])
+    upsampled = np.einsum("abcd,za,yb,xc->zyxd", coarse, wz, wy, wx, optimize=True)
+    return EmbeddingCache(image, self.spacing, fine.astype(np.float16),
+                          coarse.astype(np.float16),
+                          np.linalg.norm(upsampled, axis=-1).astype(np.float32))
+
+  def similarity(self, a: EmbeddingCache, points, b: EmbeddingCache) -> np.ndarray:
+    """sim [R, nz, ny, nx] over B's fine cells for integer voxel indices P [R, 3] of A.
+    G^_B[u].g = (up(G_B) g)[u] / |up(G_B)[u]|, and up(G_B) g = up(G_B g) since the
+    upsampling is linear: only a scalar field per query is upsampled."""
+    grid = (a.image.index_to_point(points) - np.asarray(a.image.origin)) / np.asarray(a.spacing)
+    cell = lambda stride, field: tuple(np.clip(np.floor((grid + 0.5) / stride).astype(int),
+                                               0, np.asarray(field.shape[:3]) - 1).T)
+    f = a.fine[cell(self.fine_stride, a.fine)].astype(np.float32)        # [R, d]
+    g = a.coarse[cell(self.coarse_stride, a.coarse)].astype(np.float32)  # [R, d']
+    fine_sim = np.einsum("zyxd,rd->rzyx", b.fine.astype(np.float32), f, optimize=True)
+    coarse_dot = np.einsum("abcd,rd->rabc", b.coarse.astype(np.float32), g, optimize=True)
+    wz, wy, wx = self._weights(b.fine.shape[:3], b.coarse.shape[:3])
+    coarse_sim = np.einsum("rabc,za,yb,xc->rzyx", coarse_dot, wz, wy, wx, optimize=True)
+    return 0.5 * (fine_sim + coarse_sim / np.maximum(b.coarse_norm, 1e-12))
+
+  def match_many(self, a: EmbeddingCache, points, b: EmbeddingCache):
+    """(Q [R, 3] int, S [R]) for integer voxel indices P [R, 3] of A."""
+    points = np.asarray(points)
+    sim = self.similarity(a, points, b).reshape(len(points), -1)
+    best = np.argmax(sim, axis=1)
+    cells = np.stack(np.unravel_index(best, b.fine.shape[:3]), axis=1)
+    centre = cells * self.fine_stride + (self.fine_stride - 1) / 2     # model-grid voxels
+    index = b.image.point_to_index(np.asarray(b.image.origin) + centre * np.asarray(b.spacing))
+    q = np.clip(np.floor(index + 0.5).astype(np.int64), 0, np.asarray(b.image.shape) - 1)
+    scores = np.clip(sim[np.arange(len(points)), best], -1.0, 1.0).astype(np.float32)
+    return q, scores
+
+  def match(self, a: EmbeddingCache, point, b: EmbeddingCache):
+    q, scores = self.match_many(a, np.asarray(point)[None], b)
+    return q[0], float(scores[0])
 
 
 def neighbourhood(array: np.ndarray, centre, size: int) -> np.ndarray:
