@@ -16,7 +16,7 @@ import optax
 
 from anatjax.config import closest
 
-METHODS = ("afire", "mae", "dino", "ld", "drasclr", "alice")
+METHODS = ("afire", "mae", "dino", "ld", "drasclr", "alice", "anatomy_embedding")
 
 
 class Method(NamedTuple):
