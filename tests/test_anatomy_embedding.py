@@ -281,3 +281,13 @@ def test_a_few_steps_through_the_trainer_then_the_run_as_a_provider(tmp_path):
   assert np.all((q >= 0) & (q < np.asarray(b.image.shape))) and -1 <= score <= 1
   _, s_self = provider.match(cache_a, p, cache_a)   # a volume matched to itself
   assert s_self == pytest.approx(provider.similarity(cache_a, [p], cache_a).max(), abs=1e-6)
+  # the accuracy command with this provider (phantoms at the run's 8 mm)
+  from anatjax.evaluate import correspondence as evaluation  # pylint: disable=g-import-not-at-top
+  evaluation.main([f"--out={tmp_path / 'eval'}", "--provider=embedding",
+                   f"--run={tmp_path / 'run'}", "--num_pairs=1", "--synthetic_size=48",
+                   "--spacing_mm=8", "--mined_per_pair=2"])
+  results = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert results["setup"]["provider"] == "embedding" and results["mining"]["pairs"] == 2
+  assert set(results["organs"]) == set(evaluation.ORGANS)
+  with pytest.raises(SystemExit):   # --run belongs to --provider=embedding
+    evaluation.main([f"--out={tmp_path / 'eval'}", f"--run={tmp_path / 'run'}"])

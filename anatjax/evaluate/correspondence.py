@@ -3,11 +3,15 @@ r"""How well a correspondence provider finds the same anatomy in another patient
 
   python -m anatjax.evaluate.correspondence --out=runs/correspondence \
       --num_pairs=12 --synthetic_size=96 --spacing_mm=4
+  # provider (a): the dense embedding of a trained anatomy_embedding run
+  python -m anatjax.evaluate.correspondence --provider=embedding --run=runs/embedding \
+      --out=runs/correspondence_embedding
 
 For a population of synthetic CTs (anatjax/data/synthetic_ct.py; a seed apart from
-pretraining's), each resampled to `spacing_mm` and `prepare`d by provider (b) (affine
-registration to the median-body atlas, exactly as the volume store does), every pair
-(i, i + 1):
+pretraining's), each resampled to `spacing_mm` and `prepare`d by the provider (`affine`,
+provider (b): affine registration to the median-body atlas, exactly as the volume store
+does; `embedding`, provider (a): the fields of the run's model, on the grid it was trained
+on), every pair (i, i + 1):
 - organ centroids of A matched into B: error in mm to B's own centroid, against the
   scanner-coordinate baseline (the same physical point in B: what cropping at equal
   coordinates would give);
@@ -89,12 +93,19 @@ def evaluate(args, say=print):
   volumes = [phantom(args.population_seed, i, args.synthetic_size, args.spacing_mm)
              for i in range(args.num_pairs + 1)]
   bodies = [correspondence.body_mask(image).array for image, _ in volumes]
-  sizes = np.array([b.sum() for b in bodies])
-  atlas = int(np.argmin(np.abs(sizes - np.median(sizes))))   # the median body, as stores do
-  provider = correspondence.AffineProvider(volumes[atlas][0], args.score_mode,
-                                           args.iterations)
-  caches = [provider.prepare(image, body) for (image, _), body in zip(volumes, bodies)]
-  say(f"Registered {len(caches)} phantoms to the atlas in {time.time() - start:.0f} s")
+  if args.provider == "embedding":
+    from anatjax.methods import anatomy_embedding  # pylint: disable=g-import-not-at-top
+    provider, step = anatomy_embedding.load_provider(args.run, args.step)
+    caches = [provider.prepare(image) for image, _ in volumes]
+    say(f"Embedded {len(caches)} phantoms with {args.run} step {step} in "
+        f"{time.time() - start:.0f} s")
+  else:
+    sizes = np.array([b.sum() for b in bodies])
+    atlas = int(np.argmin(np.abs(sizes - np.median(sizes))))   # the median body, as stores do
+    provider = correspondence.AffineProvider(volumes[atlas][0], args.score_mode,
+                                             args.iterations)
+    caches = [provider.prepare(image, body) for (image, _), body in zip(volumes, bodies)]
+    say(f"Registered {len(caches)} phantoms to the atlas in {time.time() - start:.0f} s")
   rng = np.random.default_rng(args.population_seed)
   errors = {n: [] for n in ORGANS}
   mined = {"pairs": 0, "weak": 0, "agree": 0, "in_organ": 0, "chance": []}
@@ -166,6 +177,10 @@ def figure(path: str, volumes, caches, provider) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True)
+  parser.add_argument("--provider", default="affine", choices=("affine", "embedding"))
+  parser.add_argument("--run", default="", help="--provider=embedding: the workdir of an "
+                      "anatomy_embedding run")
+  parser.add_argument("--step", type=int, default=None, help="its checkpoint (newest)")
   parser.add_argument("--num_pairs", type=int, default=12)
   parser.add_argument("--population_seed", type=int, default=7)
   parser.add_argument("--synthetic_size", type=int, default=96)
@@ -174,6 +189,9 @@ def main(argv=None) -> None:
   parser.add_argument("--score_mode", default="inside", choices=("inside", "ncc"))
   parser.add_argument("--mined_per_pair", type=int, default=20)
   args = parser.parse_args(argv)
+  if (args.provider == "embedding") != bool(args.run):
+    parser.error("--run (an anatomy_embedding workdir) goes with --provider=embedding, "
+                 "and only with it")
   os.makedirs(args.out, exist_ok=True)
   results, volumes, caches, provider = evaluate(args)
   with open(os.path.join(args.out, "results.json"), "w") as f:
