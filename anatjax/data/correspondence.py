@@ -154,9 +154,8 @@ class EmbeddingProvider:
     return [upsampling_weights(n, m, self.fine_stride, self.coarse_stride)
             for n, m in zip(fine_shape, coarse_shape)]
 
-  def prepare(self, image: Volume, body: np.ndarray | None = None) -> EmbeddingCache:
-    """The volume's fields (`body` is accepted for the providers' common call, unused)."""
-    del body
+  def prepare(self, image: Volume) -> EmbeddingCache:
+    """The volume's fields, computed on the model grid (the volume resampled to it)."""
     grid = resample(image, self.spacing, order=1)
     fine, coarse = (np.asarray(f, np.float32) for f in self.fields(grid.array))
     wz, wy, wx = self._weights(fine.shape[:3], coarse.shape[:3])

@@ -105,11 +105,8 @@ def excluded_cells(radius: float) -> int:
 def check_config(config) -> None:
   """Clear errors for values the method cannot train with, before anything compiles."""
   cfg, model, crop = config.embedding, config.model, config.data.image_size
-  embed3d.levels(model.stem_stride, model.fine_stride, model.coarse_stride,
-                 len(model.widths))
-  if len(model.widths) != len(model.blocks):
-    raise ValueError(f"config model.widths={tuple(model.widths)} and model.blocks="
-                     f"{tuple(model.blocks)} must have one entry per stage")
+  embed3d.levels(model.widths, model.blocks, model.stem_stride, model.fine_stride,
+                 model.coarse_stride)
   if crop % model.coarse_stride:
     raise ValueError(f"config data.image_size={crop} (the crop edge) must be a multiple "
                      f"of model.coarse_stride={model.coarse_stride}")

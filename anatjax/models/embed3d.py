@@ -40,9 +40,14 @@ NORM_EPSILON = 1e-6
 INPUT_CENTRE, INPUT_SCALE = 0.25, 0.1   # (x - centre) / scale, x = (HU + 1024) / 4095
 
 
-def levels(stem_stride: int, fine_stride: int, coarse_stride: int, num_stages: int):
-  """(fine stage, coarse stage) for the fields' strides; a clear error if a stride is
-  not a stage's (stem_stride * 2^k, k < num_stages) or fine is not finer than coarse."""
+def levels(widths, blocks, stem_stride: int, fine_stride: int, coarse_stride: int):
+  """(fine stage, coarse stage) for the fields' strides; a clear error if the stages'
+  widths and block counts differ in number, a stride is not a stage's (stem_stride * 2^k)
+  or fine is not finer than coarse."""
+  if len(widths) != len(blocks):
+    raise ValueError(f"config model.widths={tuple(widths)} and model.blocks="
+                     f"{tuple(blocks)} must have one entry per stage")
+  num_stages = len(widths)
   strides = [stem_stride * 2 ** k for k in range(num_stages)]
   for name, stride in (("fine_stride", fine_stride), ("coarse_stride", coarse_stride)):
     if stride not in strides:
@@ -106,11 +111,8 @@ class Embed3D(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    if len(self.widths) != len(self.blocks):
-      raise ValueError(f"config model.widths={self.widths} and model.blocks={self.blocks} "
-                       "must have one entry per stage")
-    fine, coarse = levels(self.stem_stride, self.fine_stride, self.coarse_stride,
-                          len(self.widths))
+    fine, coarse = levels(self.widths, self.blocks, self.stem_stride, self.fine_stride,
+                          self.coarse_stride)
     x = ((x - INPUT_CENTRE) / INPUT_SCALE).astype(self.dtype)
     stem = nn.Conv(self.widths[0], (3,) * 3, strides=(self.stem_stride,) * 3,
                    padding="SAME", dtype=self.dtype, bias_init=nn.initializers.normal(1.0),
