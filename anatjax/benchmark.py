@@ -13,7 +13,9 @@ machines, so only numbers measured side by side are compared):
 - the 3D host pipeline (DrasCLR): patches/s per worker and through Grain with N workers
   for the atlas patch store's reading and augmentation (anatjax/data/patch_views.py), at
   --ct_patch_size, on a temporary store of random HU patches (the cost does not depend on
-  the content), and phantom CT volumes/s per worker at --ct_volume_size.
+  the content), and phantom CT volumes/s per worker at --ct_volume_size;
+- Alice's pair mining (alice.md 2.2, 2.5: the acceptance rule, two --alice_crop crops and
+  two student masks): pairs/s per worker, on those phantoms.
 Prints a table and writes JSON, one entry per measurement.
 """
 
@@ -35,7 +37,8 @@ from ml_collections import config_flags
 
 from anatjax import train
 from anatjax.config import compute_dtype
-from anatjax.data import ct_patches, patch_views, pipeline, synthetic_ct
+from anatjax.data import (alice_pairs, correspondence, ct_patches, patch_views, pipeline,
+                          registration, synthetic_ct)
 from anatjax.methods.common import normalize
 from anatjax.models.vit import ViT, parse_variant
 
@@ -53,7 +56,8 @@ def define_flags():
   flags.DEFINE_integer("host_images", 200, "Images per host measurement.")
   flags.DEFINE_integer("decode_size", 1024, "Side of the encoded JPEG/PNG images decoded.")
   flags.DEFINE_integer("ct_patch_size", 32, "Patch edge of the 3D pipeline measurement.")
-  flags.DEFINE_integer("ct_volume_size", 128, "Phantom CT grid of the 3D measurement.")
+  flags.DEFINE_integer("ct_volume_size", 128, "Phantom CT grid of the 3D measurements.")
+  flags.DEFINE_integer("alice_crop", 64, "Crop edge of Alice's pair mining measurement.")
   flags.DEFINE_string("out", None, "Write the measurements to this JSON file.")
 
 
@@ -188,7 +192,8 @@ def grain_rate(source, host_transforms, batch_size: int, workers: int, count: in
   return rate
 
 
-def ct_host_rates(patch_size: int, volume_size: int, workers: int, count: int) -> dict:
+def ct_host_rates(patch_size: int, volume_size: int, alice_crop: int, workers: int,
+                  count: int) -> dict:
   """3D host rates (module doc): name -> per-second rate."""
   with tempfile.TemporaryDirectory() as root:
     rng = np.random.default_rng(0)
@@ -211,16 +216,29 @@ def ct_host_rates(patch_size: int, volume_size: int, workers: int, count: int) -
     rates[f"host_ct_patches_grain_{workers}_workers"] = per_item * grain_rate(
         source, views, 8, workers, count)
   start = time.perf_counter()
-  volumes = 3
-  for i in range(volumes):
-    synthetic_ct.subject(0, i, shape=(volume_size,) * 3)
-  rates[f"host_synthetic_ct{volume_size}_per_worker"] = volumes / (
+  phantoms = [synthetic_ct.subject(0, i, shape=(volume_size,) * 3).image for i in range(3)]
+  rates[f"host_synthetic_ct{volume_size}_per_worker"] = len(phantoms) / (
       time.perf_counter() - start)
+  rates[f"host_alice_pairs{alice_crop}_per_worker"] = alice_pair_rate(phantoms, alice_crop,
+                                                                      count)
   return rates
 
 
+def alice_pair_rate(images, crop: int, count: int) -> float:
+  """Alice's pair mining (acceptance rule, two crops, two masks) per second in one worker,
+  on in-memory phantoms with identity maps to the atlas (the mining cost does not depend on
+  the maps; training reads memory-mapped volumes)."""
+  identity = registration.PointMap(np.eye(3), np.zeros(3))
+  caches = [correspondence.AffineCache(image, correspondence.body_mask(image).array,
+                                       identity) for image in images]
+  pairs = [{"a": a, "b": b} for a, b in zip(caches, caches[1:] + caches[:1])]
+  mine = (alice_pairs.MinePairs(correspondence.AffineMatcher(), crop),)
+  return host_rate(lambda i: pairs[i % len(pairs)], mine, count)
+
+
 def run(config, *, batch: int, repeats: int, steps: int, workers: int, host_images: int,
-        decode_size: int, ct_patch_size: int = 32, ct_volume_size: int = 128) -> list[dict]:
+        decode_size: int, ct_patch_size: int = 32, ct_volume_size: int = 128,
+        alice_crop: int = 64) -> list[dict]:
   """All measurements for `config` at `batch` on the first device; see the module doc."""
   device = jax.devices()[0]
   print(f"Benchmarking {config.method} {config.model.variant} at "
@@ -265,9 +283,10 @@ def run(config, *, batch: int, repeats: int, steps: int, workers: int, host_imag
     results.append({"name": name, **common, **empty, "images_per_s": rate})
   results.append({"name": "host_to_device_ratio", **common, **empty,
                   "ratio": rates[pipeline_name] / device_rate})
-  for name, rate in ct_host_rates(ct_patch_size, ct_volume_size, workers,
+  for name, rate in ct_host_rates(ct_patch_size, ct_volume_size, alice_crop, workers,
                                   host_images).items():
-    unit = "volumes/s" if "synthetic_ct" in name else "patches/s"
+    unit = ("volumes/s" if "synthetic_ct" in name else
+            "pairs/s" if "alice" in name else "patches/s")
     results.append({"name": name, **common, **empty, "images_per_s": rate, "unit": unit})
   return results
 
@@ -286,7 +305,8 @@ def main(argv):
   results = run(config, batch=args.batch, repeats=args.repeats, steps=args.steps,
                 workers=(config.data.num_workers if args.workers is None else args.workers),
                 host_images=args.host_images, decode_size=args.decode_size,
-                ct_patch_size=args.ct_patch_size, ct_volume_size=args.ct_volume_size)
+                ct_patch_size=args.ct_patch_size, ct_volume_size=args.ct_volume_size,
+                alice_crop=args.alice_crop)
   print(format_table(results))
   if args.out:
     with open(args.out, "w") as f:

@@ -35,14 +35,15 @@ def test_benchmark_runs_and_reports_every_measurement():
   config.unlock()
   config.batch_size = 8
   results = benchmark.run(config, batch=8, repeats=1, steps=1, workers=1, host_images=16,
-                          decode_size=64, ct_patch_size=16, ct_volume_size=48)
+                          decode_size=64, ct_patch_size=16, ct_volume_size=48,
+                          alice_crop=16)
   by_name = {r["name"]: r for r in results}
   assert set(by_name) == {
       "matmul_f32", "plain_vit_train_step", "afire_train_step",
       "host_synthetic_per_worker", "host_decode_jpg64_per_worker",
       "host_decode_png64_per_worker", "host_synthetic_grain_1_workers",
       "host_to_device_ratio", "host_ct_patches_per_worker", "host_ct_patches_grain_1_workers",
-      "host_synthetic_ct48_per_worker"}
+      "host_synthetic_ct48_per_worker", "host_alice_pairs16_per_worker"}
   afire, plain = by_name["afire_train_step"], by_name["plain_vit_train_step"]
   assert afire["flops_per_image"] > plain["flops_per_image"] > 0
   for r in (afire, plain):
@@ -52,4 +53,6 @@ def test_benchmark_runs_and_reports_every_measurement():
   assert by_name["host_to_device_ratio"]["ratio"] > 0
   assert by_name["host_ct_patches_per_worker"]["unit"] == "patches/s"
   assert by_name["host_ct_patches_grain_1_workers"]["images_per_s"] > 0
+  assert by_name["host_alice_pairs16_per_worker"]["unit"] == "pairs/s"
+  assert by_name["host_alice_pairs16_per_worker"]["images_per_s"] > 0
   assert "afire_train_step" in benchmark.format_table(results)
