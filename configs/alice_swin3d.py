@@ -64,6 +64,8 @@ def get_config(arg=None):
   c.alice = dict(
       score_mode="inside",     # provider (b)'s score: inside (B's body) | ncc
       mask_mode="columns",     # columns (12 of 4 x 4 through z) | blocks3d (48 of 4^3)
+      mask_fraction=0.75,      # of the mask cells hidden from the student (0 = none)
+      partner="next",          # next (the spec) | self (ablation: both views from A at p)
       student_temp=0.1,
       teacher_temp=0.01,
       warmup_teacher_temp=0.008,

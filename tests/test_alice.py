@@ -111,6 +111,32 @@ def test_mined_batches_are_deterministic_and_split_over_processes(store):
     np.testing.assert_array_equal(merged, first[step]["crops"])
 
 
+def test_ablations_mask_fraction_and_self_partner(store):
+  """alice.mask_fraction hides ceil(16 f) columns; alice.partner='self' crops A twice at
+  the same point (views differ by their masks only); bad values stop the build."""
+  from anatjax import config as config_lib   # pylint: disable=g-import-not-at-top
+  config = tiny_config(store)
+  with config.unlocked():
+    config.alice.mask_fraction = 0.5
+    config.alice.partner = "self"
+  source = ct_volumes.VolumePairs(str(store))
+  method = alice.make(config, config_lib.Schedule(4, 1, 10))
+  batch = batches(source, method, 1, 4)[0]
+  assert np.all(batch["mask_cells"].sum((2, 3)) == 8)
+  np.testing.assert_array_equal(batch["crops"][:, 0], batch["crops"][:, 1])
+  np.testing.assert_array_equal(batch["points"][:, 0], batch["points"][:, 1])
+  assert not batch["weak"].any()
+  assert not alice_pairs.student_mask(np.random.default_rng(0), "columns", 0.0).any()
+  for key, value, match in (("mask_fraction", 1.0, "mask_fraction"),
+                            ("partner", "other", "alice.partner")):
+    with config.unlocked():
+      config.alice[key] = value
+    with pytest.raises(ValueError, match=match):
+      alice.make(config, config_lib.Schedule(4, 1, 10))
+    with config.unlocked():
+      config.alice.mask_fraction, config.alice.partner = 0.5, "self"
+
+
 @pytest.mark.parametrize("mode", ["columns", "blocks3d"])
 def test_device_masks_expand_like_numpy(mode):
   rng = np.random.default_rng(0)

@@ -38,15 +38,19 @@ def window_crop(image, centre, size: int) -> np.ndarray:
   return np.clip(patch, *WINDOW_HU).astype(np.int16)
 
 
-def student_mask(rng, mode: str = "columns") -> np.ndarray:
-  """Masked cells (True = hidden from the student): 'columns' = 12 of a 4 x 4 grid over
-  axes (y, x), each through all z; 'blocks3d' = 48 of a 4 x 4 x 4 grid."""
+def student_mask(rng, mode: str = "columns", fraction: float = MASK_FRACTION) -> np.ndarray:
+  """Masked cells (True = hidden from the student), ceil(cells x fraction) of them:
+  'columns' = 12 of a 4 x 4 grid over axes (y, x), each through all z; 'blocks3d' = 48 of
+  a 4 x 4 x 4 grid (at the spec's fraction 0.75)."""
   shapes = {"columns": (MASK_GRID, MASK_GRID), "blocks3d": (MASK_GRID,) * 3}
   if mode not in shapes:
     raise ValueError(f"config alice.mask_mode={mode!r}: use 'columns' or 'blocks3d'")
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"config alice.mask_fraction={fraction}: use a fraction in [0, 1) "
+                     "(the spec's is 0.75; 0 = no mask)")
   cells = int(np.prod(shapes[mode]))
   hidden = np.zeros(cells, bool)
-  hidden[rng.choice(cells, int(np.ceil(cells * MASK_FRACTION)), replace=False)] = True
+  hidden[rng.choice(cells, int(np.ceil(cells * fraction)), replace=False)] = True
   return hidden.reshape(shapes[mode])
 
 
@@ -61,29 +65,46 @@ def expand_mask(cells: np.ndarray, size: int) -> np.ndarray:
   return voxels
 
 
-def mine_pair(provider, a, b, rng, crop: int = 64, mask_mode: str = "columns") -> dict:
+def mine_pair(provider, a, b, rng, crop: int = 64, mask_mode: str = "columns",
+              mask_fraction: float = MASK_FRACTION) -> dict:
   """One training pair from prepared volumes a, b (module doc): crops [2, S, S, S] int16
   HU, mask_cells [2, ...] bool, pair_score, points [2, 3] int32 and `weak` (no candidate
   passed the acceptance rule; the best one was kept)."""
   if crop % MASK_GRID:
     raise ValueError(f"config alice.crop={crop} must be a multiple of {MASK_GRID}")
   p, q, score, accepted = correspondence.find_pair(provider, a, b, rng)
+  masks = [student_mask(rng, mask_mode, mask_fraction) for _ in range(2)]
   return {
       "crops": np.stack([window_crop(a.image, p, crop), window_crop(b.image, q, crop)]),
-      "mask_cells": np.stack([student_mask(rng, mask_mode), student_mask(rng, mask_mode)]),
+      "mask_cells": np.stack(masks),
       "pair_score": np.float32(score),
       "points": np.stack([p, q]).astype(np.int32),
       "weak": np.bool_(not accepted),
   }
 
 
+PARTNERS = ("next", "self")
+
+
 class MinePairs(grain.transforms.RandomMap):
   """Host transform: {"a", "b"} provider caches (anatjax/data/ct_volumes.VolumePairs) ->
-  one mined pair (`mine_pair`), deterministic per example through Grain's rng."""
+  one mined pair (`mine_pair`), deterministic per example through Grain's rng.
 
-  def __init__(self, matcher, crop: int = 64, mask_mode: str = "columns"):
-    student_mask(np.random.default_rng(0), mask_mode)   # a bad mode fails at build time
+  partner='next' is the spec's pairing (B = the next volume of the batch); 'self' is an
+  ablation: both views from A around the same point (the provider maps p to itself), so
+  they differ by their student masks only - DINO on one crop, no cross-patient task.
+  """
+
+  def __init__(self, matcher, crop: int = 64, mask_mode: str = "columns",
+               mask_fraction: float = MASK_FRACTION, partner: str = "next"):
+    # bad values fail when the method is built, not in a worker
+    student_mask(np.random.default_rng(0), mask_mode, mask_fraction)
+    if partner not in PARTNERS:
+      raise ValueError(f"config alice.partner={partner!r}: use one of {PARTNERS}")
     self.matcher, self.crop, self.mask_mode = matcher, crop, mask_mode
+    self.mask_fraction, self.partner = mask_fraction, partner
 
   def random_map(self, item, rng):
-    return mine_pair(self.matcher, item["a"], item["b"], rng, self.crop, self.mask_mode)
+    b = item["a"] if self.partner == "self" else item["b"]
+    return mine_pair(self.matcher, item["a"], b, rng, self.crop, self.mask_mode,
+                     self.mask_fraction)

@@ -194,7 +194,7 @@ def make(config, schedule) -> Method:
       opt, lr, wd, frozen=LAST_LAYERS,
       freeze_steps=schedule.steps(cfg.freeze_last_layer, "alice.freeze_last_layer"))
   host = (alice_pairs.MinePairs(correspondence.AffineMatcher(cfg.score_mode), crop,
-                                cfg.mask_mode),)
+                                cfg.mask_mode, cfg.mask_fraction, cfg.partner),)
   return Method("alice", init, prepare, loss_fn, after_update, optimizer, encoder_params,
                 with_encoder, host,
                 {"lr": lr, "weight_decay": wd, "teacher_momentum": teacher_momentum,
