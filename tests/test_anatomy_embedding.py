@@ -248,7 +248,8 @@ def test_bad_config_values_fail_clearly(tmp_path):
       ("model.coarse_stride", 16, "coarse_stride=16 is not the stride of a stage"),
       ("model.fine_stride", 4, "fine_stride=4 must be smaller"),
       ("data.image_size", 18, "image_size=18.*multiple of model.coarse_stride=4"),
-      ("embedding.temperature", 0.0, "temperature=0.0 must be positive")):
+      ("embedding.temperature", 0.0, "temperature=0.0 must be positive"),
+      ("model.blocks", (1, 1, 1), "one entry per stage")):
     config = tiny_config(tmp_path)
     section, name = key.split(".")
     with config.unlocked():
@@ -291,3 +292,6 @@ def test_a_few_steps_through_the_trainer_then_the_run_as_a_provider(tmp_path):
   assert set(results["organs"]) == set(evaluation.ORGANS)
   with pytest.raises(SystemExit):   # --run belongs to --provider=embedding
     evaluation.main([f"--out={tmp_path / 'eval'}", f"--run={tmp_path / 'run'}"])
+  from anatjax import export  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="anatomy_embedding run.*provider"):
+    export.export_run(str(tmp_path / "run"), str(tmp_path / "net.safetensors"))

@@ -291,6 +291,10 @@ def export_run(workdir: str, out: str, *, step: int | None = None, which: str = 
                   "input": swin3d.input_convention(config.data.spacing_mm),
                   "config": json.loads(json.dumps(config.to_dict(), default=str)),
                   "workdir": os.path.abspath(workdir)})
+  if method.name == "anatomy_embedding":
+    raise ValueError(f"{workdir} is an anatomy_embedding run: its network is used as "
+                     "Alice's correspondence provider (python -m anatjax.evaluate."
+                     "correspondence --provider=embedding --run=...), not exported")
   params = method.encoder(state["params"], state["method_state"], which)
   metadata = {
       "method": method.name,
