@@ -28,6 +28,13 @@ was prepared with; a store is refused otherwise (the registration part of the st
 used by this method). runlocal's network: stem stride 2 on 4 mm voxels, three stages of
 16/32/64 channels with one block each, FPN width 32, so fine stride 2 (8 mm) and coarse
 stride 8 (32 mm): the spec's physical cells at a size 2 CPU cores train in minutes.
+
+What runlocal does on 2 shared CPU cores: ~1.5 s per step, 300 steps in ~8 min from
+launch to the last checkpoint; loss 9.0 -> 7.8 (fine 5.07 -> 4.68, chance log 201 = 5.30;
+coarse 3.89 -> 3.07, chance log 64 = 4.16), top-1 fine 0.02 -> 0.25, coarse 0.01 -> 0.26
+(means of the first and last 3 logged steps). Organ-centroid errors as a provider: README.
+Longer runs keep learning (--config.duration=1200st, ~29 min: loss 7.37, top-1 fine 0.48,
+coarse 0.32).
 """
 
 from anatjax.config import parse_arg
