@@ -5,7 +5,8 @@ A batch item is two overlapping, rescaled, intensity-jittered crops of one CT an
 cells of both that show the same physical points (anatjax/data/embedding_pairs.py). The
 network (anatjax/models/embed3d.py) turns each crop into a fine field F (stride f) and a
 coarse field G (stride c) of unit vectors. For every positive, in both directions (crop 1's
-vector as the query against crop 2's field, then the other way; the mean of the two):
+vector as the query against crop 2's field, then the other way; the mean of the two; a
+Decision, the spec does not say):
 - coarse: InfoNCE, tau = 0.5, over ALL coarse cells of the other crop, the positive's cell
   the target;
 - fine: InfoNCE, tau = 0.5, of the positive against 100 hard negatives (the cells most

@@ -14,10 +14,10 @@ and a 1^3 projection of its level, normalised to unit length in float32.
 
 The spec's strides (fine 4, coarse 16 on 2 mm CT: 8 mm and 32 mm cells) come from
 stem_stride 2, fine at stage 1 and coarse at stage 3; on 4 mm CT the same physical cells
-are stem_stride 1 with fine stride 2 and coarse stride 8.
+are fine stride 2 and coarse stride 8 (runlocal: stem_stride 2, stages 0 and 2).
 
 Decision: inside the network the [0, 1] input is first standardised to (x - 0.25) / 0.1
-(water at 0, +-400 HU at +-1; air and bone stay in range), and the stem convolution's bias
+(water at 0, +-400 HU at +-1, air at -2.5, 3071 HU at 7.5), and the stem convolution's bias
 starts random (normal, std 1). Without a bias, convolutions, ReLUs and per-voxel norms make
 the network blind to a uniform region's intensity (f(a x) = f(x) for a > 0): at
 initialisation liver and fat would look alike, and learning the biases first is slow.
@@ -28,7 +28,8 @@ method state and behave differently at inference; GroupNorm (like BatchNorm) poo
 statistics over space, so a voxel's embedding would depend on the extent of the input, and
 the provider computes fields of whole volumes with a network trained on crops. A per-voxel
 norm has no state and keeps the network a purely local, translation-equivariant function:
-a whole-volume field equals the crops' fields away from their borders.
+a whole-volume field equals the fields of crops cut at multiples of the coarse stride,
+away from their borders.
 """
 
 from __future__ import annotations
