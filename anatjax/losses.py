@@ -261,3 +261,49 @@ def alice_argmax_agreement(teacher_cls, student_cls):
   ([2, B, K] each, uncentred) pick the same output: a diagnostic, not a loss."""
   agree = jnp.argmax(teacher_cls[0], axis=-1) == jnp.argmax(student_cls[1], axis=-1)
   return jnp.mean(agree.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------
+# Dense anatomical embedding (Alice's provider (a), shared/methods/alice.md 2.4): InfoNCE of
+# a crop's unit vectors against the cells of the other crop of the same CT.
+
+def coarse_info_nce(query, keys, positive, temperature: float):
+  """(mean loss, logits [P, M]): queries [P, d] against all M cells keys [M, d], the
+  target column `positive` [P]."""
+  logits = jnp.matmul(query, keys.T, precision=_HIGHEST) / temperature
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(log_probs, positive[:, None], 1)), logits
+
+
+def fine_negatives(similarity, positive_cells, cells, rng, radius: float, num_hard: int,
+                   num_random: int):
+  """Negative cells [P, H + R] for queries with `similarity` [P, N] to the N cells
+  (coordinates `cells` [N, 3]) whose positives lie at `positive_cells` [P, 3]: the H most
+  similar cells farther than `radius` cells (Euclidean) from the positive, then R distinct
+  random cells of that set. Chosen without gradient."""
+  offset = cells[None].astype(jnp.float32) - positive_cells[:, None].astype(jnp.float32)
+  far = jnp.sum(offset * offset, axis=-1) > radius * radius
+  similarity = jax.lax.stop_gradient(similarity)
+  _, hard = jax.lax.top_k(jnp.where(far, similarity, -jnp.inf), num_hard)
+  draws = jax.random.uniform(rng, similarity.shape)
+  _, random = jax.lax.top_k(jnp.where(far, draws, -1.0), num_random)
+  return jnp.concatenate([hard, random], axis=1)
+
+
+def fine_info_nce(query, keys, positive, cells, rng, temperature: float, radius: float,
+                  num_hard: int, num_random: int):
+  """(mean loss, logits [P, 1 + H + R]): queries [P, d] against the other crop's cells
+  keys [N, d] (coordinates `cells` [N, 3]); column 0 is the positive `positive` [P]
+  (flat), then `fine_negatives`."""
+  similarity = jnp.matmul(query, keys.T, precision=_HIGHEST)
+  negatives = fine_negatives(similarity, cells[positive], cells, rng, radius, num_hard,
+                             num_random)
+  columns = jnp.concatenate([positive[:, None], negatives], axis=1)
+  logits = jnp.take_along_axis(similarity, columns, 1) / temperature
+  return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0]), logits
+
+
+def top1(logits, positive):
+  """Fraction of rows whose column `positive` [P] is the largest (ties count as right)."""
+  target = jnp.take_along_axis(logits, positive[:, None], 1)
+  return jnp.mean((jnp.sum(logits > target, axis=-1) == 0).astype(jnp.float32))

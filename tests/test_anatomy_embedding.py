@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import interpolate
 
-from anatjax import config as config_lib
+from anatjax import config as config_lib, losses
 from anatjax.data import correspondence, ct_volumes, embedding_pairs
 from anatjax.data.volume import Volume
 from anatjax.methods import anatomy_embedding as method_lib
@@ -104,10 +104,10 @@ def test_fine_info_nce_and_hard_negatives_match_numpy():
   cells = method_lib.cell_coordinates(grid)
   query, keys = unit_rows(rng, count, dim), unit_rows(rng, grid ** 3, dim)
   positive = rng.choice(grid ** 3, count).astype(np.int32)
-  loss, logits = method_lib.fine_info_nce(jnp.asarray(query), jnp.asarray(keys),
-                                          jnp.asarray(positive), jnp.asarray(cells),
-                                          jax.random.key(0), tau, radius, hard, random)
-  negatives = np.asarray(method_lib.fine_negatives(
+  loss, logits = losses.fine_info_nce(jnp.asarray(query), jnp.asarray(keys),
+                                      jnp.asarray(positive), jnp.asarray(cells),
+                                      jax.random.key(0), tau, radius, hard, random)
+  negatives = np.asarray(losses.fine_negatives(
       jnp.asarray(query @ keys.T), jnp.asarray(cells[positive]), jnp.asarray(cells),
       jax.random.key(0), radius, hard, random))
   similarity = query.astype(np.float64) @ keys.T
@@ -132,8 +132,8 @@ def test_coarse_info_nce_and_top1_match_numpy():
   query, keys = unit_rows(rng, 10, 6), unit_rows(rng, 27, 6)
   positive = rng.choice(27, 10).astype(np.int32)
   positive[0] = np.argmax(keys @ query[0])          # at least one right answer
-  loss, logits = method_lib.coarse_info_nce(jnp.asarray(query), jnp.asarray(keys),
-                                            jnp.asarray(positive), 0.5)
+  loss, logits = losses.coarse_info_nce(jnp.asarray(query), jnp.asarray(keys),
+                                        jnp.asarray(positive), 0.5)
   z = query.astype(np.float64) @ keys.T / 0.5
   log_probs = z - z.max(1, keepdims=True)
   log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
@@ -141,8 +141,7 @@ def test_coarse_info_nce_and_top1_match_numpy():
                              rtol=1e-5)
   accuracy = np.mean(np.argmax(z, axis=1) == positive)
   assert accuracy > 0
-  np.testing.assert_allclose(float(method_lib.top1(logits, jnp.asarray(positive))),
-                             accuracy)
+  np.testing.assert_allclose(float(losses.top1(logits, jnp.asarray(positive))), accuracy)
 
 
 # ---------------------------------------------------------------- the provider

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from anatjax import config as config_lib, optim
+from anatjax import config as config_lib, losses, optim
 from anatjax.data import correspondence, embedding_pairs
 from anatjax.methods import Method
 from anatjax.models import embed3d
@@ -52,48 +52,6 @@ def cell_coordinates(cells: int) -> np.ndarray:
 def flat_index(cells, grid: int):
   """Cell coordinates [..., 3] -> flat indices [...] of a grid^3 field."""
   return (cells[..., 0] * grid + cells[..., 1]) * grid + cells[..., 2]
-
-
-def coarse_info_nce(query, keys, positive, temperature: float):
-  """(mean loss, logits [P, M]): queries [P, d] against all M cells keys [M, d], the
-  target column `positive` [P]."""
-  logits = jnp.matmul(query, keys.T, precision=jax.lax.Precision.HIGHEST) / temperature
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_probs, positive[:, None], 1)), logits
-
-
-def fine_negatives(similarity, positive_cells, cells, rng, radius: float, num_hard: int,
-                   num_random: int):
-  """Negative cells [P, H + R] for queries with `similarity` [P, N] to the N cells
-  (coordinates `cells` [N, 3]) whose positives lie at `positive_cells` [P, 3]: the H most
-  similar cells farther than `radius` cells (Euclidean) from the positive, then R distinct
-  random cells of that set. Chosen without gradient."""
-  offset = cells[None].astype(jnp.float32) - positive_cells[:, None].astype(jnp.float32)
-  far = jnp.sum(offset * offset, axis=-1) > radius * radius
-  similarity = jax.lax.stop_gradient(similarity)
-  _, hard = jax.lax.top_k(jnp.where(far, similarity, -jnp.inf), num_hard)
-  draws = jax.random.uniform(rng, similarity.shape)
-  _, random = jax.lax.top_k(jnp.where(far, draws, -1.0), num_random)
-  return jnp.concatenate([hard, random], axis=1)
-
-
-def fine_info_nce(query, keys, positive, cells, rng, temperature: float, radius: float,
-                  num_hard: int, num_random: int):
-  """(mean loss, logits [P, 1 + H + R]): queries [P, d] against the other crop's cells
-  keys [N, d] (coordinates `cells` [N, 3]); column 0 is the positive `positive` [P]
-  (flat), then `fine_negatives`."""
-  similarity = jnp.matmul(query, keys.T, precision=jax.lax.Precision.HIGHEST)
-  negatives = fine_negatives(similarity, cells[positive], cells, rng, radius, num_hard,
-                             num_random)
-  columns = jnp.concatenate([positive[:, None], negatives], axis=1)
-  logits = jnp.take_along_axis(similarity, columns, 1) / temperature
-  return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0]), logits
-
-
-def top1(logits, positive):
-  """Fraction of rows whose column `positive` [P] is the largest (ties count as right)."""
-  target = jnp.take_along_axis(logits, positive[:, None], 1)
-  return jnp.mean((jnp.sum(logits > target, axis=-1) == 0).astype(jnp.float32))
 
 
 def excluded_cells(radius: float) -> int:
@@ -146,14 +104,14 @@ def make(config, schedule) -> Method:
     cells fine_pos, coarse_pos [2, P] -> (loss_fine, loss_coarse, top1_fine, top1_coarse)."""
     out = []
     for a, b in ((0, 1), (1, 0)):
-      loss_f, logits_f = fine_info_nce(
+      loss_f, logits_f = losses.fine_info_nce(
           fine[a][fine_pos[a]], fine[b], fine_pos[b], fine_cells, jax.random.fold_in(rng, a),
           cfg.temperature, cfg.exclusion_radius, cfg.hard_negatives, cfg.random_negatives)
-      loss_c, logits_c = coarse_info_nce(coarse[a][coarse_pos[a]], coarse[b],
-                                         coarse_pos[b], cfg.temperature)
+      loss_c, logits_c = losses.coarse_info_nce(coarse[a][coarse_pos[a]], coarse[b],
+                                                coarse_pos[b], cfg.temperature)
       zero = jnp.zeros(logits_f.shape[0], jnp.int32)
-      out.append(jnp.stack([loss_f, loss_c, top1(logits_f, zero),
-                            top1(logits_c, coarse_pos[b])]))
+      out.append(jnp.stack([loss_f, loss_c, losses.top1(logits_f, zero),
+                            losses.top1(logits_c, coarse_pos[b])]))
     return jnp.mean(jnp.stack(out), axis=0)
 
   def loss_fn(params, method_state, context, batch, rng, step):
