@@ -20,7 +20,9 @@ the embedding model was trained on and turned into two unit-vector fields by the
 looks up f = F_A at p's fine cell and g = G_A at p's coarse cell; over B's fine cells u,
 sim(u) = 1/2 (F_B[u].f + G^_B[u].g), G^_B = G_B trilinearly upsampled to F_B's grid and
 renormalised; q = B's voxel at the centre of the best cell, score = sim there. The
-trained model comes from a run directory (anatjax/methods/anatomy_embedding.load_provider).
+trained model comes from a run directory (anatjax/methods/anatomy_embedding.load_provider);
+`EmbeddingMatcher` is the matching half, which Alice's training uses on fields computed
+once per volume store (anatjax/data/ct_volumes.ensure_fields).
 
 `find_pair` is the spec's acceptance rule over candidate points.
 """
@@ -139,30 +141,17 @@ def upsampling_weights(fine_cells: int, coarse_cells: int, fine_stride: int,
   return weights
 
 
-class EmbeddingProvider:
-  """Provider (a): correspondence by dense anatomical embeddings (module doc).
+class EmbeddingMatcher:
+  """Provider (a)'s matching half: `match`/`match_many` on caches whose fields exist (module
+  doc). All training's pair mining needs (the fields computed offline, memory-mapped:
+  anatjax/data/ct_volumes.py); `EmbeddingProvider` adds computing them."""
 
-  `fields(hu)` maps a CT array on the model grid (HU, z, y, x) to its fields (fine
-  [nz, ny, nx, d], coarse [mz, my, mx, d'], unit vectors, one per cell from voxel 0 on)."""
-
-  def __init__(self, fields, spacing_mm, fine_stride: int, coarse_stride: int):
-    self.fields = fields
-    self.spacing = tuple(float(s) for s in np.broadcast_to(spacing_mm, 3))
+  def __init__(self, fine_stride: int, coarse_stride: int):
     self.fine_stride, self.coarse_stride = fine_stride, coarse_stride
 
   def _weights(self, fine_shape, coarse_shape):
     return [upsampling_weights(n, m, self.fine_stride, self.coarse_stride)
             for n, m in zip(fine_shape, coarse_shape)]
-
-  def prepare(self, image: Volume) -> EmbeddingCache:
-    """The volume's fields, computed on the model grid (the volume resampled to it)."""
-    grid = resample(image, self.spacing, order=1)
-    fine, coarse = (np.asarray(f, np.float32) for f in self.fields(grid.array))
-    wz, wy, wx = self._weights(fine.shape[:3], coarse.shape[:3])
-    upsampled = np.einsum("abcd,za,yb,xc->zyxd", coarse, wz, wy, wx, optimize=True)
-    return EmbeddingCache(image, self.spacing, fine.astype(np.float16),
-                          coarse.astype(np.float16),
-                          np.linalg.norm(upsampled, axis=-1).astype(np.float32))
 
   def similarity(self, a: EmbeddingCache, points, b: EmbeddingCache) -> np.ndarray:
     """sim [R, nz, ny, nx] over B's fine cells for integer voxel indices P [R, 3] of A.
@@ -194,6 +183,28 @@ class EmbeddingProvider:
   def match(self, a: EmbeddingCache, point, b: EmbeddingCache):
     q, scores = self.match_many(a, np.asarray(point)[None], b)
     return q[0], float(scores[0])
+
+
+class EmbeddingProvider(EmbeddingMatcher):
+  """Provider (a): correspondence by dense anatomical embeddings (module doc).
+
+  `fields(hu)` maps a CT array on the model grid (HU, z, y, x) to its fields (fine
+  [nz, ny, nx, d], coarse [mz, my, mx, d'], unit vectors, one per cell from voxel 0 on)."""
+
+  def __init__(self, fields, spacing_mm, fine_stride: int, coarse_stride: int):
+    super().__init__(fine_stride, coarse_stride)
+    self.fields = fields
+    self.spacing = tuple(float(s) for s in np.broadcast_to(spacing_mm, 3))
+
+  def prepare(self, image: Volume) -> EmbeddingCache:
+    """The volume's fields, computed on the model grid (the volume resampled to it)."""
+    grid = resample(image, self.spacing, order=1)
+    fine, coarse = (np.asarray(f, np.float32) for f in self.fields(grid.array))
+    wz, wy, wx = self._weights(fine.shape[:3], coarse.shape[:3])
+    upsampled = np.einsum("abcd,za,yb,xc->zyxd", coarse, wz, wy, wx, optimize=True)
+    return EmbeddingCache(image, self.spacing, fine.astype(np.float16),
+                          coarse.astype(np.float16),
+                          np.linalg.norm(upsampled, axis=-1).astype(np.float32))
 
 
 def neighbourhood(array: np.ndarray, centre, size: int) -> np.ndarray:
