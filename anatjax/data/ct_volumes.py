@@ -199,7 +199,7 @@ class VolumePairs:
     self.root = root
     with open(os.path.join(root, SUBJECTS_FILE)) as f:
       self.subjects = json.load(f)
-    self._order_key, self._order = None, None
+    self._order = None
 
   def __len__(self):
     return len(self.subjects)
@@ -215,7 +215,7 @@ class VolumePairs:
     return len(self) // batch_size * batch_size
 
   def __getstate__(self):
-    return {**self.__dict__, "_order_key": None, "_order": None}
+    return {**self.__dict__, "_order": None}
 
   def cache(self, row: int) -> correspondence.AffineCache:
     subject = self.subjects[row]
@@ -227,13 +227,15 @@ class VolumePairs:
   def pair(self, p: int, seed: int, batch_size: int) -> tuple[int, int]:
     """Stream position p -> (row of A, row of its partner B)."""
     epoch, within = divmod(p, self.examples_per_epoch(batch_size))
-    if self._order_key != (seed, epoch):
-      self._order_key = (seed, epoch)
-      self._order = np.random.default_rng([seed, epoch]).permutation(len(self))
+    # One (key, order) tuple, replaced whole: two iterators' threads reading one source
+    # never see a key with another epoch's order.
+    cached = self._order
+    if cached is None or cached[0] != (seed, epoch):
+      cached = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(len(self)))
+      self._order = cached
     block, slot = divmod(within, batch_size)
     first = block * batch_size
-    return (int(self._order[first + slot]),
-            int(self._order[first + (slot + 1) % batch_size]))
+    return (int(cached[1][first + slot]), int(cached[1][first + (slot + 1) % batch_size]))
 
   def __getitem__(self, index):
     """Random access: volume `index` with the next one as its partner."""
