@@ -62,6 +62,8 @@ def get_config(arg=None):
   c.optim.warmup = "50ep"
   c.checkpoint.every = "10ep"
   c.alice = dict(
+      provider="affine",       # affine (provider (b)) | embedding (provider (a))
+      embedding_run="",        # provider (a): an anatomy_embedding run's workdir
       score_mode="inside",     # provider (b)'s score: inside (B's body) | ncc
       mask_mode="columns",     # columns (12 of 4 x 4 through z) | blocks3d (48 of 4^3)
       mask_fraction=0.75,      # of the mask cells hidden from the student (0 = none)

@@ -19,10 +19,19 @@ The store:
 Training prepares a missing store itself (`data.source=ct_volumes`; data.root or a cache
 folder keyed by these options) with one process.
 
+Provider (a) (alice.provider=embedding) needs each volume's embedding fields, computed
+once per (store, anatomy_embedding run) by that run's network, here in the main process
+and never in Grain workers (`ensure_fields`, or beforehand with
+`python -m anatjax.data.ct_volumes --out=STORE --embedding_run=RUN`):
+  fields/<hash of the run's path and step>/NNNNN_{fine,coarse}.npy  float16 unit vectors
+  .../NNNNN_norm.npy        float32 |coarse field upsampled to the fine cells|
+  .../fields.json           the run, its step, the grid; written last (complete).
+
 `VolumePairs` is the training source (spec 2.5): an epoch is a pass over the shuffled
 subject list cut into blocks of B (one global batch); volume i of a block is paired with
 volume (i + 1) mod B of the same block, another patient, so every loaded volume serves once
-as A and once as B. Items are the two volumes' provider caches; the host transform
+as A and once as B. Items are the two volumes' provider (b) caches and their rows; the host
+transform `FieldCaches` swaps them for provider (a)'s, and
 `anatjax.data.alice_pairs.MinePairs` turns them into crops.
 """
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -43,6 +53,7 @@ from anatjax.data.volume import Volume, resample
 
 STORE_FILE = "store.json"
 SUBJECTS_FILE = "subjects.json"
+FIELDS_FILE = "fields.json"
 # The stream is a lazily indexed range this many epochs long: longer than any run.
 MAX_EPOCHS = 10 ** 6
 # The data-config keys that decide a store's content (a different value = another store).
@@ -175,21 +186,113 @@ def prepare(options: Options, out: str, workers: int = 0, say=print) -> str:
   return out
 
 
+def store_root(data_config) -> str:
+  """The volume store's folder: data.root, or a cache folder named by the options."""
+  if data_config.root:
+    return data_config.root
+  options = Options.from_config(data_config)
+  return ct_prepare.cache_root("ct_volumes", options.volumes, options.to_dict())
+
+
 def ensure_store(data_config, say=print) -> str:
   """The volume store of `data_config`, prepared now if it is not complete."""
   options = Options.from_config(data_config)
-  root = data_config.root or ct_prepare.cache_root("ct_volumes", options.volumes,
-                                                   options.to_dict())
+  root = store_root(data_config)
   return ct_prepare.ensure_complete(root, options.to_dict(), is_complete, read_options,
                                     lambda: prepare(options, root, say=say), "volume", say)
+
+
+# ---------------------------------------------------------------------------- fields
+
+def fields_path(folder: str, row: int, kind: str) -> str:
+  return os.path.join(folder, f"{row:05d}_{kind}.npy")
+
+
+def ensure_fields(root: str, run_dir: str, say=print) -> str:
+  """The folder of provider (a)'s fields of every volume of the complete store `root`,
+  made by the newest checkpoint of the anatomy_embedding run `run_dir`; computed now (in
+  this process: the network runs in JAX) unless a complete folder for that run and step
+  exists. A folder without its fields.json (interrupted) or recording another run, step
+  or subject count is deleted and computed again, never mixed with new fields."""
+  from anatjax.methods import anatomy_embedding  # pylint: disable=g-import-not-at-top
+  if not is_complete(root):
+    raise FileNotFoundError(f"{root} is not a complete volume store (no {STORE_FILE}): "
+                            "prepare it first (python -m anatjax.data.ct_volumes --out=...)")
+  run_dir = os.path.abspath(run_dir)
+  step = anatomy_embedding.newest_step(run_dir)
+  with open(os.path.join(root, SUBJECTS_FILE)) as f:
+    subjects = json.load(f)
+  count = len(subjects)
+  made_by = {"run": run_dir, "step": step, "num_subjects": count}
+  digest = hashlib.sha256(json.dumps([run_dir, step]).encode()).hexdigest()[:12]
+  folder = os.path.join(root, "fields", digest)
+  marker = os.path.join(folder, FIELDS_FILE)
+  if os.path.isfile(marker):
+    with open(marker) as f:
+      saved = json.load(f)
+    if {k: saved.get(k) for k in made_by} == made_by:
+      return folder
+  if os.path.isdir(folder):
+    say(f"{folder} holds partial or stale fields: computing them again")
+    shutil.rmtree(folder)
+  start = time.time()
+  say(f"Computing the embedding fields of {count} volumes with {run_dir} (step {step}) "
+      f"into {folder} (once)")
+  provider, _ = anatomy_embedding.load_provider(run_dir, step)
+  os.makedirs(folder)
+  for row, subject in enumerate(subjects):
+    image, _ = load_volume(root, row, subject, mmap=False)
+    cache = provider.prepare(image)
+    for kind, array in (("fine", cache.fine), ("coarse", cache.coarse),
+                        ("norm", cache.coarse_norm)):
+      np.save(fields_path(folder, row, kind), array)
+  with open(marker + ".tmp", "w") as f:
+    json.dump({**made_by, "spacing": list(provider.spacing),
+               "fine_stride": provider.fine_stride,
+               "coarse_stride": provider.coarse_stride}, f, indent=1)
+  os.replace(marker + ".tmp", marker)
+  say(f"Wrote the fields of {count} volumes in {time.time() - start:.0f} s")
+  return folder
+
+
+class FieldCaches(grain.transforms.Map):
+  """Host transform: a `VolumePairs` item -> {"a", "b"} provider (a) caches
+  (correspondence.EmbeddingCache, the CTs and fields memory-mapped) of the same two
+  volumes, from a complete `ensure_fields` folder. Only reads: the fields exist before the
+  workers start. `matcher()` matches them."""
+
+  def __init__(self, folder: str):
+    marker = os.path.join(folder, FIELDS_FILE)
+    if not os.path.isfile(marker):
+      raise FileNotFoundError(f"{folder} holds no complete embedding fields (no "
+                              f"{FIELDS_FILE}): make them with ensure_fields")
+    with open(marker) as f:
+      saved = json.load(f)
+    self.folder, self.spacing = folder, tuple(saved["spacing"])
+    self.fine_stride, self.coarse_stride = saved["fine_stride"], saved["coarse_stride"]
+
+  def matcher(self) -> correspondence.EmbeddingMatcher:
+    return correspondence.EmbeddingMatcher(self.fine_stride, self.coarse_stride)
+
+  def cache(self, row: int, image: Volume) -> correspondence.EmbeddingCache:
+    field = lambda kind: np.load(fields_path(self.folder, row, kind), mmap_mode="r")
+    return correspondence.EmbeddingCache(image, self.spacing, field("fine"),
+                                         field("coarse"), field("norm"))
+
+  def map(self, item):
+    rows = item["rows"]
+    return {"a": self.cache(int(rows[0]), item["a"].image),
+            "b": self.cache(int(rows[1]), item["b"].image)}
 
 
 # ---------------------------------------------------------------------------- the source
 
 class VolumePairs:
-  """Items {"a", "b"}: the provider caches (anatjax/data/correspondence.AffineCache, CTs
-  memory-mapped) of two patients, in the pairing order of the module doc. A Grain source
-  with its own order (`ordered_stream`); picklable (volumes open lazily per process)."""
+  """Items {"a", "b", "rows"}: the provider (b) caches (anatjax/data/correspondence.
+  AffineCache, CTs memory-mapped) of two patients, in the pairing order of the module doc,
+  and their rows in the store (which name their provider (a) fields: `FieldCaches`). A
+  Grain source with its own order (`ordered_stream`); picklable (volumes open lazily per
+  process)."""
 
   def __init__(self, root: str):
     if not is_complete(root):
@@ -239,8 +342,10 @@ class VolumePairs:
 
   def __getitem__(self, index):
     """Random access: volume `index` with the next one as its partner."""
-    index = int(index)
-    return {"a": self.cache(index), "b": self.cache((index + 1) % len(self))}
+    return self.item(int(index), (int(index) + 1) % len(self))
+
+  def item(self, a: int, b: int) -> dict:
+    return {"a": self.cache(a), "b": self.cache(b), "rows": np.array([a, b], np.int64)}
 
   def ordered_stream(self, seed: int, batch_size: int) -> grain.MapDataset:
     """The training stream (global batch `batch_size`), MAX_EPOCHS epochs long (lazy)."""
@@ -256,14 +361,16 @@ class _PairItem:
   batch_size: int
 
   def __call__(self, p):
-    a, b = self.source.pair(int(p), self.seed, self.batch_size)
-    return {"a": self.source.cache(a), "b": self.source.cache(b)}
+    return self.source.item(*self.source.pair(int(p), self.seed, self.batch_size))
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True)
   parser.add_argument("--workers", type=int, default=0)
+  parser.add_argument("--embedding_run", default="",
+                      help="only compute the fields of this anatomy_embedding run for the "
+                      "complete store --out (Alice's alice.provider=embedding)")
   for field in dataclasses.fields(Options):
     flag = "num_subjects" if field.name == "num_examples" else field.name
     kind = (lambda s: tuple(float(v) for v in s.split(","))) if isinstance(
@@ -271,7 +378,10 @@ def main(argv=None) -> None:
     parser.add_argument(f"--{flag}", dest=field.name, type=kind, default=field.default,
                         help="z,y,x mm" if field.name == "spacing_mm" else None)
   args = vars(parser.parse_args(argv))
-  out, workers = args.pop("out"), args.pop("workers")
+  out, workers, run = args.pop("out"), args.pop("workers"), args.pop("embedding_run")
+  if run:
+    ensure_fields(out, run)
+    return
   args["spacing_mm"] = tuple(np.broadcast_to(args["spacing_mm"], 3).tolist())
   prepare(Options(**args), out, workers)
 

@@ -4,7 +4,10 @@ al., ICCV 2023).
 
 A batch item is a mined pair (anatjax/data/ct_volumes.py, data/alice_pairs.py): the crop of
 patient A around a foreground point p and the crop of patient B around p's match q
-(int16 HU, scaled to [0, 1] here), and one student mask per crop. Views are stacked view 0
+(int16 HU, scaled to [0, 1] here), and one student mask per crop. Matches come from
+provider (b), affine maps to an atlas (alice.provider=affine, the default), or provider
+(a), the fields of a trained anatomy embedding (alice.provider=embedding,
+alice.embedding_run; `pair_matching`). Views are stacked view 0
 then view 1 (n = 2B) through the networks. One step (spec 4.2):
 1. `prepare`, no gradients, whole global batch: the EMA teacher (Swin + decoder + head,
    one last layer V_t) on the unmasked crops -> CLS logits t_cls and decoder-token logits
@@ -29,13 +32,14 @@ import jax
 import jax.numpy as jnp
 
 from anatjax import config as config_lib, losses, optim
-from anatjax.data import alice_pairs, correspondence
+from anatjax.data import alice_pairs, correspondence, ct_volumes
 from anatjax.methods import Method
 from anatjax.methods.common import teacher_or_student
 from anatjax.models.alice import CASA, AliceHead, ReconstructionDecoder, casa_student_and_target
 from anatjax.models.swin3d import SwinViT3D
 
 LAST_LAYERS = r"head/v_(cls|patch)$"
+PROVIDERS = ("affine", "embedding")
 
 
 def swin_from_config(model, drop_path_rate: float = 0.0, dtype=jnp.float32) -> SwinViT3D:
@@ -72,6 +76,29 @@ def teacher_part(params):
   EMA, kept under its name)."""
   head = {k: v for k, v in params["head"].items() if k != "v_patch"}
   return {"encoder": params["encoder"], "decoder": params["decoder"], "head": head}
+
+
+def pair_matching(config) -> tuple:
+  """(host transforms before the miner, the miner's matcher) of alice.provider. 'affine'
+  (provider (b)) matches the source's caches as they come; 'embedding' (provider (a))
+  first swaps them for the memory-mapped fields of the anatomy_embedding run
+  alice.embedding_run, computed here once per volume store if missing: here, because the
+  fields come from a JAX network, which Grain workers must not run. The store must exist
+  (training prepares it before building the method)."""
+  cfg = config.alice
+  if cfg.provider not in PROVIDERS:
+    raise ValueError(f"config alice.provider={cfg.provider!r}: use one of {PROVIDERS}")
+  if cfg.provider == "affine":
+    if cfg.embedding_run:
+      raise ValueError(f"config alice.embedding_run={cfg.embedding_run!r} is used with "
+                       "alice.provider='embedding' only: set both, or clear it")
+    return (), correspondence.AffineMatcher(cfg.score_mode)
+  if not cfg.embedding_run:
+    raise ValueError("config alice.provider='embedding' needs alice.embedding_run: the "
+                     "workdir of an anatomy_embedding run (configs/anatomy_embedding.py)")
+  fields = ct_volumes.FieldCaches(ct_volumes.ensure_fields(
+      ct_volumes.store_root(config.data), cfg.embedding_run))
+  return (fields,), fields.matcher()
 
 
 def make(config, schedule) -> Method:
@@ -193,8 +220,9 @@ def make(config, schedule) -> Method:
   optimizer = optim.dino_adamw(
       opt, lr, wd, frozen=LAST_LAYERS,
       freeze_steps=schedule.steps(cfg.freeze_last_layer, "alice.freeze_last_layer"))
-  host = (alice_pairs.MinePairs(correspondence.AffineMatcher(cfg.score_mode), crop,
-                                cfg.mask_mode, cfg.mask_fraction, cfg.partner),)
+  before, matcher = pair_matching(config)
+  host = before + (alice_pairs.MinePairs(matcher, crop, cfg.mask_mode, cfg.mask_fraction,
+                                         cfg.partner),)
   return Method("alice", init, prepare, loss_fn, after_update, optimizer, encoder_params,
                 with_encoder, host,
                 {"lr": lr, "weight_decay": wd, "teacher_momentum": teacher_momentum,

@@ -24,12 +24,14 @@ params = the network; no method state.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from anatjax import config as config_lib, losses, optim
+from anatjax import checkpoint, config as config_lib, losses, optim
 from anatjax.data import correspondence, embedding_pairs
 from anatjax.methods import Method
 from anatjax.models import embed3d
@@ -177,6 +179,23 @@ def fields_function(config, params):
         slice(0, n) for n in -(-shape // stride))]
     return keep(fine, model.fine_stride), keep(coarse, model.coarse_stride)
   return fields
+
+
+def newest_step(run_dir: str) -> int:
+  """The newest checkpoint step of an anatomy_embedding run, read from its metadata only
+  (cheap: callers check whether fields made from it exist before loading the network)."""
+  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
+  try:
+    steps = ckpt.steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train the anatomy "
+                              "embedding first (configs/anatomy_embedding.py)")
+    method = ckpt.read_meta(steps[-1])["config"]["method"]
+  finally:
+    ckpt.close()
+  if method != "anatomy_embedding":
+    raise ValueError(f"{run_dir} is a {method!r} run, not an anatomy_embedding one")
+  return steps[-1]
 
 
 def load_provider(run_dir: str, step: int | None = None):
