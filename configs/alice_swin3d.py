@@ -15,6 +15,10 @@ cosine to 1e-6, weight decay 0.04 -> 0.4, teacher EMA 0.996 -> 1, teacher temper
   python -m anatjax.data.ct_volumes --volumes=/data/flare22 --out=/data/flare_store --workers=16
   python -m anatjax.main --config=configs/alice_swin3d.py --config.data.root=/data/flare_store \
       --config.data.volumes=/data/flare22 --workdir=runs/alice
+  # pairs from provider (a), an anatomy_embedding run (configs/anatomy_embedding.py:runlocal
+  # uses this store); its fields are computed once per store on the first such run
+  python -m anatjax.main --config=configs/alice_swin3d.py:runlocal --workdir=runs/alice_a \
+      --config.alice.provider=embedding --config.alice.embedding_run=runs/embedding
   # the teacher's Swin into MONAI's SwinUNETR.swinViT (README: fine-tuning in MONAI)
   python -m anatjax.export --workdir=runs/alice --out=alice_swinvit.safetensors
 
