@@ -76,6 +76,7 @@ def test_fields_are_computed_once_per_store_and_run(run):
   times = {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in field_files(folder)}
   again = []
   assert ct_volumes.ensure_fields(store, run_dir, say=again.append) == folder and not again
+  ct_volumes.main([f"--out={store}", f"--embedding_run={run_dir}"])   # the command: no work
   assert times == {f: os.stat(os.path.join(folder, f)).st_mtime_ns
                    for f in field_files(folder)}
 

@@ -7,8 +7,8 @@ patient A around a foreground point p and the crop of patient B around p's match
 (int16 HU, scaled to [0, 1] here), and one student mask per crop. Matches come from
 provider (b), affine maps to an atlas (alice.provider=affine, the default), or provider
 (a), the fields of a trained anatomy embedding (alice.provider=embedding,
-alice.embedding_run; `pair_matching`). Views are stacked view 0
-then view 1 (n = 2B) through the networks. One step (spec 4.2):
+alice.embedding_run; `pair_matching`). Views are stacked view 0 then view 1 (n = 2B)
+through the networks. One step (spec 4.2):
 1. `prepare`, no gradients, whole global batch: the EMA teacher (Swin + decoder + head,
    one last layer V_t) on the unmasked crops -> CLS logits t_cls and decoder-token logits
    Dt_t; the CLS centre c moves with them (the loss uses the old c);
