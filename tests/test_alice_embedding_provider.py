@@ -17,7 +17,7 @@ from anatjax.methods import alice, anatomy_embedding
 
 NUM_SUBJECTS = 4
 STORE = dict(num_examples=NUM_SUBJECTS, synthetic_size=40, spacing_mm=(8.0, 8.0, 8.0),
-             registration_iterations=20, num_workers=0)
+             registration_iterations=5, num_workers=0)
 
 
 def alice_config(root, **alice_keys):
