@@ -213,7 +213,8 @@ def ensure_fields(root: str, run_dir: str, say=print) -> str:
   made by the newest checkpoint of the anatomy_embedding run `run_dir`; computed now (in
   this process: the network runs in JAX) unless a complete folder for that run and step
   exists. A folder without its fields.json (interrupted) or recording another run, step
-  or subject count is deleted and computed again, never mixed with new fields."""
+  or store (its store.json: a store prepared again in place) is deleted and computed
+  again, never mixed with new fields."""
   from anatjax.methods import anatomy_embedding  # pylint: disable=g-import-not-at-top
   if not is_complete(root):
     raise FileNotFoundError(f"{root} is not a complete volume store (no {STORE_FILE}): "
@@ -223,7 +224,7 @@ def ensure_fields(root: str, run_dir: str, say=print) -> str:
   with open(os.path.join(root, SUBJECTS_FILE)) as f:
     subjects = json.load(f)
   count = len(subjects)
-  made_by = {"run": run_dir, "step": step, "num_subjects": count}
+  made_by = {"run": run_dir, "step": step, "store": read_options(root)}
   digest = hashlib.sha256(json.dumps([run_dir, step]).encode()).hexdigest()[:12]
   folder = os.path.join(root, "fields", digest)
   marker = os.path.join(folder, FIELDS_FILE)
@@ -265,7 +266,8 @@ class FieldCaches(grain.transforms.Map):
     marker = os.path.join(folder, FIELDS_FILE)
     if not os.path.isfile(marker):
       raise FileNotFoundError(f"{folder} holds no complete embedding fields (no "
-                              f"{FIELDS_FILE}): make them with ensure_fields")
+                              f"{FIELDS_FILE}): compute them with `python -m "
+                              "anatjax.data.ct_volumes --out=STORE --embedding_run=RUN`")
     with open(marker) as f:
       saved = json.load(f)
     self.folder, self.spacing = folder, tuple(saved["spacing"])
