@@ -34,7 +34,8 @@ them uniform (`teacher_entropy` -> log out_dim) - while with 4 it learns: CLS lo
 """
 
 from anatjax.config import parse_arg
-from configs.common import dino_optim, pretraining_config
+from configs.common import (dino_optim, pretraining_config, runlocal_ct_volume_store,
+                            ct_volume_store)
 
 
 def get_config(arg=None):
@@ -42,23 +43,7 @@ def get_config(arg=None):
   c = pretraining_config("alice", "")
   c.batch_size = 64              # pairs (each item is two crops of two patients)
   c.duration = "1000ep"
-  c.data = dict(
-      source="ct_volumes",
-      root="",                 # the volume store; '' = a cache folder named by the options
-      # What the store is made of (anatjax/data/ct_volumes.py):
-      volumes="synthetic_ct",  # or a folder of NIfTI files / DICOM series
-      num_examples=2000,       # synthetic subjects
-      source_seed=0,
-      synthetic_size=256,      # the phantom's voxels per axis before resampling
-      spacing_mm=(2.0, 1.5, 1.5),   # (z, y, x)
-      atlas="",                # subject id; '' = the median body volume
-      registration_iterations=300,
-      # How training reads it:
-      image_size=64,           # the crop edge in voxels
-      repeats_per_epoch=1,
-      num_workers=8,
-      max_bad_fraction=0.01,
-  )
+  c.data = ct_volume_store(spacing_mm=(2.0, 1.5, 1.5), image_size=64)
   c.model = dict(
       feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7,
       patch_size=2, downsample="mergingv2",
@@ -93,12 +78,7 @@ def get_config(arg=None):
     c.batch_size = 8
     c.duration = "60ep"        # 4 steps per epoch: 240 steps
     c.log_every = 10
-    c.data.num_examples = 32
-    c.data.synthetic_size = 80
-    c.data.spacing_mm = (4.0, 4.0, 4.0)
-    c.data.registration_iterations = 100
-    c.data.image_size = 32
-    c.data.num_workers = 1
+    runlocal_ct_volume_store(c.data)
     # 4^3 windows: 7^3 ones cost ~5x the time and 6 GB of temporaries at 32^3 crops
     c.model.update(feature_size=12, window_size=4, head_width=96, head_hidden_dim=256, bottleneck_dim=64,
                    out_dim=128)

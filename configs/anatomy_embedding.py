@@ -38,7 +38,7 @@ coarse 0.32).
 """
 
 from anatjax.config import parse_arg
-from configs.common import pretraining_config
+from configs.common import ct_volume_store, pretraining_config, runlocal_ct_volume_store
 
 
 def get_config(arg=None):
@@ -47,23 +47,7 @@ def get_config(arg=None):
   c.batch_size = 8               # CTs; each item is two crops of one CT
   c.duration = "20000st"
   c.log_every = 100
-  c.data = dict(
-      source="ct_volumes",
-      root="",                 # the volume store; '' = a cache folder named by the options
-      # What the store is made of (anatjax/data/ct_volumes.py):
-      volumes="synthetic_ct",  # or a folder of NIfTI files / DICOM series
-      num_examples=2000,       # synthetic subjects
-      source_seed=0,
-      synthetic_size=256,      # the phantom's voxels per axis before resampling
-      spacing_mm=(2.0, 2.0, 2.0),   # (z, y, x): the spec's 2 mm grid of the fields
-      atlas="",                # subject id; '' = the median body volume
-      registration_iterations=300,
-      # How training reads it:
-      image_size=96,           # the crop edge in voxels
-      repeats_per_epoch=1,
-      num_workers=8,
-      max_bad_fraction=0.01,
-  )
+  c.data = ct_volume_store(spacing_mm=(2.0, 2.0, 2.0), image_size=96)
   c.model = dict(
       widths=(32, 64, 128, 256),   # channels per stage (ResNet-18 / 2)
       blocks=(2, 2, 2, 2),         # BasicBlocks per stage
@@ -90,13 +74,7 @@ def get_config(arg=None):
     c.batch_size = 4
     c.duration = "300st"
     c.log_every = 10
-    # The store of configs/alice_swin3d.py:runlocal, option for option (one cached store).
-    c.data.num_examples = 32
-    c.data.synthetic_size = 80
-    c.data.spacing_mm = (4.0, 4.0, 4.0)
-    c.data.registration_iterations = 100
-    c.data.image_size = 32
-    c.data.num_workers = 1
+    runlocal_ct_volume_store(c.data)
     c.model.update(widths=(16, 32, 64), blocks=(1, 1, 1), stem_stride=2, fpn_width=32,
                    fine_stride=2, coarse_stride=8)
     c.optim.lr = 1e-3          # 300 steps: the recipe's 2e-4 barely moves in that time

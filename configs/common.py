@@ -72,6 +72,35 @@ def make_runlocal(c: ml_collections.ConfigDict) -> None:
   c.checkpoint.every = "100st"
 
 
+def ct_volume_store(spacing_mm, image_size: int) -> dict:
+  """The data block of a volume-store method (Alice, its correspondence embedding;
+  anatjax/data/ct_volumes.py) at the given spacing (z, y, x) and crop edge."""
+  return dict(
+      source="ct_volumes",
+      root="",                 # the volume store; '' = a cache folder named by the options
+      # What the store is made of (anatjax/data/ct_volumes.py):
+      volumes="synthetic_ct",  # or a folder of NIfTI files / DICOM series
+      num_examples=2000,       # synthetic subjects
+      source_seed=0,
+      synthetic_size=256,      # the phantom's voxels per axis before resampling
+      spacing_mm=tuple(spacing_mm),
+      atlas="",                # subject id; '' = the median body volume
+      registration_iterations=300,
+      # How training reads it:
+      image_size=image_size,   # the crop edge in voxels
+      repeats_per_epoch=1,
+      num_workers=8,
+      max_bad_fraction=0.01,
+  )
+
+
+def runlocal_ct_volume_store(data: ml_collections.ConfigDict) -> None:
+  """The store of every volume-store `runlocal` (one cached store serves them all): 32
+  phantoms of 80^3 at 4 mm, 100 registration iterations, 32^3 crops, one worker."""
+  data.update(num_examples=32, synthetic_size=80, spacing_mm=(4.0, 4.0, 4.0),
+              registration_iterations=100, image_size=32, num_workers=1)
+
+
 def dino_optim() -> dict:
   """DINO's AdamW recipe (AFiRe trains with it too; anatjax.optim.dino_adamw): lr 5e-4 x
   batch/256 after 10 warm-up epochs, cosine to 1e-6, weight decay 0.04 -> 0.4 (cosine),
