@@ -34,8 +34,8 @@ them uniform (`teacher_entropy` -> log out_dim) - while with 4 it learns: CLS lo
 """
 
 from anatjax.config import parse_arg
-from configs.common import (dino_optim, pretraining_config, runlocal_ct_volume_store,
-                            ct_volume_store)
+from configs.common import (ct_volume_store, dino_optim, pretraining_config,
+                            runlocal_ct_volume_store)
 
 
 def get_config(arg=None):
