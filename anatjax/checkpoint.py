@@ -58,6 +58,18 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def existing_step(self, step: int | None = None) -> int:
+    """`step` (default: the newest) if a checkpoint of it exists; a clear error if not."""
+    steps = self.steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}: train first, or pass "
+                              "the --workdir of a run.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
+                              f"available: {steps}")
+    return step
+
   def save(self, step: int, state, iterator, meta: dict) -> None:
     meta = dict(meta, step=int(step), format_version=FORMAT_VERSION)
     self._manager.save(step, force=True, args=ocp.args.Composite(

@@ -307,3 +307,20 @@ def top1(logits, positive):
   """Fraction of rows whose column `positive` [P] is the largest (ties count as right)."""
   target = jnp.take_along_axis(logits, positive[:, None], 1)
   return jnp.mean((jnp.sum(logits > target, axis=-1) == 0).astype(jnp.float32))
+
+
+def soft_dice_and_cross_entropy(logits, labels, smooth: float):
+  """(mean voxel cross-entropy, soft Dice averaged over the classes) of logits [..., C]
+  and integer labels [...], the segmentation fine-tuning terms. A class's soft Dice is
+  (2 sum(p y) + smooth) / (sum(p) + sum(y) + smooth) pooled over every pixel/voxel of the
+  batch, background included: `smooth` makes a class neither present nor predicted
+  score 1, not 0 / 0."""
+  logits = logits.astype(jnp.float32)
+  num_classes = logits.shape[-1]
+  log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(-1, num_classes)
+  onehot = jax.nn.one_hot(labels.reshape(-1), num_classes, dtype=jnp.float32)
+  cross_entropy = -jnp.mean(jnp.sum(onehot * log_probs, axis=-1))
+  probs = jnp.exp(log_probs)
+  dice = ((2.0 * jnp.sum(probs * onehot, 0) + smooth)
+          / (jnp.sum(probs, 0) + jnp.sum(onehot, 0) + smooth))
+  return cross_entropy, jnp.mean(dice)

@@ -201,14 +201,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
   """
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
-    steps = ckpt.steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first, or pass "
-                              "the --workdir of a run.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
-                              f"available: {steps}")
+    step = ckpt.existing_step(step)
     meta = ckpt.read_meta(step)
     config = ml_collections.ConfigDict(meta["config"])
     if "schedule" in meta:   # no data needed (a 3-D store need not exist on this machine)

@@ -49,8 +49,18 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz")
 ATLAS_VOLUMES = "atlas_volumes.npz"
 
 
+class StoreOptions:
+  """What a 3-D store's options dataclass shares (this store's and Alice's volume store,
+  anatjax/data/ct_volumes.py): the JSON form recorded in its store.json and hashed into
+  its cache folder's name."""
+
+  def to_dict(self) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+
 @dataclasses.dataclass(frozen=True)
-class Options:
+class Options(StoreOptions):
   volumes: str = "synthetic_ct"   # 'synthetic_ct' or a folder of NIfTI files / DICOM series
   num_examples: int = 64          # synthetic subjects
   source_seed: int = 0
@@ -68,10 +78,6 @@ class Options:
   @classmethod
   def from_config(cls, data_config) -> "Options":
     return cls(**{k: data_config[k] for k in OPTION_KEYS})
-
-  def to_dict(self) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(self).items()}
 
 
 # ---------------------------------------------------------------------------- subjects

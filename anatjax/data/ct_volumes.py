@@ -62,7 +62,7 @@ OPTION_KEYS = ("volumes", "num_examples", "source_seed", "synthetic_size", "spac
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class Options(ct_prepare.StoreOptions):
   volumes: str = "synthetic_ct"   # 'synthetic_ct' or a folder of NIfTI files / DICOM series
   num_examples: int = 64          # synthetic subjects
   source_seed: int = 0
@@ -76,10 +76,6 @@ class Options:
     values = {k: data_config[k] for k in OPTION_KEYS}
     values["spacing_mm"] = tuple(float(s) for s in np.broadcast_to(values["spacing_mm"], 3))
     return cls(**values)
-
-  def to_dict(self) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(self).items()}
 
 
 def volume_path(root: str, row: int, kind: str) -> str:

@@ -86,7 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from anatjax import config as config_lib, export
+from anatjax import config as config_lib, export, losses
 from anatjax.data import synthetic_ct
 from anatjax.data.alice_pairs import WINDOW_HU, to_unit
 from anatjax.data.volume import resample
@@ -339,16 +339,11 @@ class OrganSegmenter(nn.Module):
     return logits
 
 
-def dice_ce_loss(logits, labels, num_classes: int):
+def dice_ce_loss(logits, labels):
   """(cross-entropy + 1 - soft Dice, {"ce", "dice"}): the Dice of each class pooled over
-  the batch's voxels, background included, then averaged over the classes."""
-  logits = logits.astype(jnp.float32)
-  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-  p = jax.nn.softmax(logits, axis=-1).reshape(-1, num_classes)
-  g = jax.nn.one_hot(labels.reshape(-1), num_classes, dtype=jnp.float32)
-  dice = (2.0 * jnp.sum(p * g, 0) + DICE_SMOOTH) / (jnp.sum(p, 0) + jnp.sum(g, 0)
-                                                     + DICE_SMOOTH)
-  dice = jnp.mean(dice)
+  the batch's voxels, background included, then averaged over the classes; smoothed by
+  DICE_SMOOTH."""
+  ce, dice = losses.soft_dice_and_cross_entropy(logits, labels, DICE_SMOOTH)
   return ce + 1.0 - dice, {"ce": ce, "dice": dice}
 
 
@@ -369,7 +364,7 @@ def compiled(geometry: SwinGeometry, dtype_name: str, lr: float,
   optimizer = optax.adamw(lr, weight_decay=weight_decay)
 
   def loss_fn(params, x, labels):
-    return dice_ce_loss(model.apply({"params": params}, x), labels, NUM_CLASSES)
+    return dice_ce_loss(model.apply({"params": params}, x), labels)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, x, labels):
@@ -518,20 +513,20 @@ def fine_tune(encoder: Encoder, train_cases: list[Case], val_cases: list[Case], 
   opt_state = functions.optimizer.init(params)
   rng = np.random.default_rng([seed, len(train_cases), 0xC7])
   history = {"step": [], "loss": [], "val_dice": []}
-  best, best_dice, best_step, losses = None, -math.inf, 0, []
+  best, best_dice, best_step, recent = None, -math.inf, 0, []
   start = time.time()
   for step in range(1, t.steps + 1):
     x, labels = sample_batch(rng, train_cases, t)
     params, opt_state, m = functions.step(params, opt_state, x, labels)
-    losses.append(m["loss"])
+    recent.append(m["loss"])
     if step % t.eval_every and step != t.steps:
       continue
     _, val, _ = volume_dice(functions, params, val_cases, t.crop_size, config.eval)
-    val_dice, loss = float(np.nanmean(val)), float(np.mean(jax.device_get(losses)))
+    val_dice, loss = float(np.nanmean(val)), float(np.mean(jax.device_get(recent)))
     history["step"].append(step)
     history["loss"].append(loss)
     history["val_dice"].append(val_dice)
-    losses = []
+    recent = []
     if best is None or val_dice > best_dice:   # NaN: no organ true or predicted
       best, best_dice, best_step = jax.device_get(params), val_dice, step
     log(f"    step {step}: loss {loss:.4f}, validation mean Dice {val_dice:.4f} "

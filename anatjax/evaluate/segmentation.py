@@ -33,8 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from anatjax import losses
 from anatjax.evaluate import data as data_lib, features as features_lib, metrics, probes
 
 MODES = ("finetune", "frozen")
@@ -68,20 +68,10 @@ class ProgressiveUpsampling(nn.Module):
 
 
 def segmentation_loss(logits, labels, dice_weight: float):
-  """Mean pixel cross-entropy + dice_weight x (1 - soft Dice averaged over labels).
-
-  The soft Dice of a label is (2 sum(p y) + 1) / (sum(p) + sum(y) + 1) over the batch:
-  the +1 makes a label that is neither in the batch nor predicted score 1, not 0 / 0.
-  """
-  logits = logits.astype(jnp.float32)
-  labels = labels.astype(jnp.int32)
-  cross_entropy = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-  probs = jax.nn.softmax(logits)
-  onehot = jax.nn.one_hot(labels, logits.shape[-1])
-  pixels = tuple(range(logits.ndim - 1))
-  soft_dice = ((2 * jnp.sum(probs * onehot, pixels) + 1)
-               / (jnp.sum(probs, pixels) + jnp.sum(onehot, pixels) + 1))
-  return cross_entropy + dice_weight * (1 - jnp.mean(soft_dice))
+  """Mean pixel cross-entropy + dice_weight x (1 - soft Dice averaged over labels), the
+  Dice smoothed by 1 (losses.soft_dice_and_cross_entropy)."""
+  cross_entropy, soft_dice = losses.soft_dice_and_cross_entropy(logits, labels, 1.0)
+  return cross_entropy + dice_weight * (1 - soft_dice)
 
 
 # ------------------------------------------------------------------ the model

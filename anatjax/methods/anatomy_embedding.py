@@ -186,16 +186,13 @@ def newest_step(run_dir: str) -> int:
   (cheap: callers check whether fields made from it exist before loading the network)."""
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
   try:
-    steps = ckpt.steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train the anatomy "
-                              "embedding first (configs/anatomy_embedding.py)")
-    method = ckpt.read_meta(steps[-1])["config"]["method"]
+    step = ckpt.existing_step()
+    method = ckpt.read_meta(step)["config"]["method"]
   finally:
     ckpt.close()
   if method != "anatomy_embedding":
     raise ValueError(f"{run_dir} is a {method!r} run, not an anatomy_embedding one")
-  return steps[-1]
+  return step
 
 
 def load_provider(run_dir: str, step: int | None = None):
